@@ -1,0 +1,24 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Convenience targets; the scripts under scripts/ are the interface.
+-include config.mk
+
+.PHONY: all qemu guest check check-qemu check-guest demo checkpatch clean
+
+all:
+	./scripts/build
+qemu:
+	./scripts/build-qemu
+guest:
+	./scripts/build-guest
+check:
+	./scripts/check
+check-qemu:
+	CHECK_ONLY=qemu ./scripts/check
+check-guest:
+	CHECK_ONLY=guest ./scripts/check
+demo:
+	./scripts/demo
+checkpatch:
+	./scripts/checkpatch
+clean:
+	rm -rf build config.mk
