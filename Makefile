@@ -2,7 +2,7 @@
 # Convenience targets; the scripts under scripts/ are the interface.
 -include config.mk
 
-.PHONY: all qemu guest check check-qemu check-guest demo checkpatch clean
+.PHONY: all qemu guest check check-qemu check-guest demo bench checkpatch clean
 
 all:
 	./scripts/build
@@ -16,6 +16,8 @@ check-qemu:
 	CHECK_ONLY=qemu ./scripts/check
 check-guest:
 	CHECK_ONLY=guest ./scripts/check
+bench:
+	./scripts/bench
 demo:
 	./scripts/demo
 checkpatch:
