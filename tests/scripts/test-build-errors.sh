@@ -59,6 +59,14 @@ for d in "$real_cache"/qemu-*-base "$real_cache"/download/*; do
 done
 
 export VMM_CACHE=$scratch/cache
+base_state() {
+    local b
+    for b in "$real_cache"/qemu-*-base; do
+        stat -c '%n %Y' "$b" "$b/.unpacked" "$b/VERSION" 2>&1
+        md5sum "$b/VERSION"
+    done
+}
+before=$(base_state)
 
 expect "broken patch names the patch and the fix" fail \
     "patch 2 \(0002-stale.patch\) does not apply .*refresh patches/qemu/0002-stale.patch" \
@@ -93,6 +101,15 @@ expect "failed QEMU download says what failed and what to do" fail \
 expect "unknown version series is reported" fail \
     "no qemu source of the 9.9 series" \
     -- env QEMU_SERIES=9.9 "$scratch/top/scripts/fetch-qemu"
+
+n=$((n + 1))
+if [ "$(base_state)" = "$before" ]; then
+    echo "ok $n - the shared pristine base tree was not modified"
+else
+    echo "not ok $n - the tests modified the shared base tree:"
+    diff <(echo "$before") <(base_state) | sed 's/^/# /'
+    failed=$((failed + 1))
+fi
 
 echo "1..$n"
 [ $failed = 0 ]
