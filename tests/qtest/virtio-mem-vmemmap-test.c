@@ -1,0 +1,489 @@
+/*
+ * QTest for virtio-mem vmemmap accounting (VIRTIO_MEM_F_VMEMMAP)
+ *
+ * Drives a virtio-mem-pci device through its request virtqueue with raw
+ * requests, the way a guest driver would, and checks what the device
+ * answers and what it reports through QOM, QMP, HMP and events.
+ *
+ * Copyright (c) 2026 The virtio-mem-vmemmap authors
+ *
+ * SPDX-License-Identifier: GPL-2.0-or-later
+ */
+
+#include "qemu/osdep.h"
+#include "qemu/bswap.h"
+#include "qemu/timer.h"
+#include "qemu/units.h"
+#include "libqtest.h"
+#include "libqos/libqos-malloc.h"
+#include "libqos/malloc-pc.h"
+#include "libqos/pci-pc.h"
+#include "libqos/virtio.h"
+#include "libqos/virtio-pci.h"
+#include "qobject/qdict.h"
+#include "qobject/qlist.h"
+#include "standard-headers/linux/virtio_config.h"
+#include "standard-headers/linux/virtio_mem.h"
+#include "standard-headers/linux/virtio_pci.h"
+
+#define PCI_VENDOR_ID_REDHAT_QUMRANET 0x1af4
+#define PCI_DEVICE_ID_VIRTIO_MEM      (0x1040 + VIRTIO_ID_MEM)
+#define TIMEOUT_US                    (30 * 1000 * 1000)
+#define REGION_SIZE                   (1 * GiB)
+
+typedef struct Dev {
+    QTestState *qts;
+    QGuestAllocator alloc;
+    QPCIBus *bus;
+    QVirtioPCIDevice *pdev;
+    QVirtioDevice *vdev;
+    QVirtQueue *vq;
+    uint64_t addr;
+    uint64_t block_size;
+    uint64_t offered;
+} Dev;
+
+static uint64_t qom_get_u64(QTestState *qts, const char *prop)
+{
+    QDict *rsp = qtest_qmp(qts, "{ 'execute': 'qom-get', 'arguments': "
+                           "{ 'path': 'vm0', 'property': %s } }", prop);
+    uint64_t value = qdict_get_int(rsp, "return");
+
+    qobject_unref(rsp);
+    return value;
+}
+
+static void find_dev(QPCIDevice *pci, int devfn, void *opaque)
+{
+    int *found = opaque;
+
+    *found = devfn;
+}
+
+/*
+ * Start QEMU with one virtio-mem-pci device "vm0" and bring it up like a
+ * driver; @negotiate_vmemmap says whether to accept VIRTIO_MEM_F_VMEMMAP.
+ */
+static Dev *dev_start(const char *dev_opts, bool negotiate_vmemmap,
+                      const char *extra)
+{
+    Dev *d = g_new0(Dev, 1);
+    QPCIAddress pci_addr = { 0 };
+    uint64_t features;
+    int devfn = -1;
+
+    d->qts = qtest_initf("-machine pc -m 128M,maxmem=%" PRIu64
+                         " -object memory-backend-ram,id=mem0,size=%" PRIu64
+                         " -device virtio-mem-pci,id=vm0,memdev=mem0,%s %s",
+                         128 * MiB + REGION_SIZE, REGION_SIZE, dev_opts,
+                         extra ? extra : "");
+    pc_alloc_init(&d->alloc, d->qts, ALLOC_NO_FLAGS);
+    d->bus = qpci_new_pc(d->qts, &d->alloc);
+    qpci_device_foreach(d->bus, PCI_VENDOR_ID_REDHAT_QUMRANET,
+                        PCI_DEVICE_ID_VIRTIO_MEM, find_dev, &devfn);
+    g_assert_cmpint(devfn, >=, 0);
+    pci_addr.devfn = devfn;
+    d->pdev = virtio_pci_new(d->bus, &pci_addr);
+    g_assert_nonnull(d->pdev);
+    d->vdev = &d->pdev->vdev;
+    qvirtio_pci_device_enable(d->pdev);
+    qvirtio_start_device(d->vdev);
+
+    d->offered = qvirtio_get_features(d->vdev);
+    /* Device features and VERSION_1; no ring features (event idx). */
+    features = (d->offered & ((1ull << VIRTIO_TRANSPORT_F_START) - 1)) |
+               (1ull << VIRTIO_F_VERSION_1);
+    if (!negotiate_vmemmap) {
+        features &= ~(1ull << VIRTIO_MEM_F_VMEMMAP);
+    }
+    qvirtio_set_features(d->vdev, features);
+    d->vq = qvirtqueue_setup(d->vdev, &d->alloc, 0);
+    qvirtio_set_driver_ok(d->vdev);
+
+    d->addr = qom_get_u64(d->qts, "memaddr");
+    d->block_size = qom_get_u64(d->qts, "block-size");
+    return d;
+}
+
+static void dev_stop(Dev *d)
+{
+    qvirtqueue_cleanup(d->vdev->bus, d->vq, &d->alloc);
+    qos_object_destroy(&d->pdev->obj);
+    qpci_free_pc(d->bus);
+    alloc_destroy(&d->alloc);
+    qtest_quit(d->qts);
+    g_free(d);
+}
+
+static void set_requested(Dev *d, uint64_t size)
+{
+    qtest_qmp_assert_success(d->qts, "{ 'execute': 'qom-set', 'arguments': "
+                             "{ 'path': 'vm0', 'property': 'requested-size',"
+                             " 'value': %" PRIu64 " } }", size);
+}
+
+/*
+ * Queue one request and return the device's response type, or -1 if the
+ * device took the request as a protocol violation (NEEDS_RESET, no
+ * response).
+ */
+static int request(Dev *d, uint16_t type, uint64_t addr, uint64_t arg)
+{
+    struct virtio_mem_req req = { .type = cpu_to_le16(type) };
+    struct virtio_mem_resp resp;
+    uint64_t req_addr, resp_addr;
+    uint32_t head;
+
+    if (type == VIRTIO_MEM_REQ_VMEMMAP) {
+        req.u.vmemmap_range.addr = cpu_to_le64(addr);
+        req.u.vmemmap_range.size = cpu_to_le64(arg);
+    } else {
+        req.u.plug.addr = cpu_to_le64(addr);
+        req.u.plug.nb_blocks = cpu_to_le16(arg);
+    }
+    req_addr = guest_alloc(&d->alloc, sizeof(req));
+    resp_addr = guest_alloc(&d->alloc, sizeof(resp));
+    qtest_memwrite(d->qts, req_addr, &req, sizeof(req));
+    qtest_memset(d->qts, resp_addr, 0xff, sizeof(resp));
+
+    head = qvirtqueue_add(d->qts, d->vq, req_addr, sizeof(req), false, true);
+    qvirtqueue_add(d->qts, d->vq, resp_addr, sizeof(resp), true, false);
+    qvirtqueue_kick(d->qts, d->vdev, d->vq, head);
+
+    /* The device handles the request while the kick is processed. */
+    if (d->vdev->bus->get_status(d->vdev) & VIRTIO_CONFIG_S_NEEDS_RESET) {
+        return -1;
+    }
+    qvirtio_wait_used_elem(d->qts, d->vdev, d->vq, head, NULL, TIMEOUT_US);
+    qtest_memread(d->qts, resp_addr, &resp, sizeof(resp));
+    guest_free(&d->alloc, req_addr);
+    guest_free(&d->alloc, resp_addr);
+    return le16_to_cpu(resp.type);
+}
+
+static int plug(Dev *d, uint64_t offset, uint64_t size)
+{
+    return request(d, VIRTIO_MEM_REQ_PLUG, d->addr + offset,
+                   size / d->block_size);
+}
+
+static int unplug(Dev *d, uint64_t offset, uint64_t size)
+{
+    return request(d, VIRTIO_MEM_REQ_UNPLUG, d->addr + offset,
+                   size / d->block_size);
+}
+
+static int vmemmap(Dev *d, uint64_t offset, uint64_t size)
+{
+    return request(d, VIRTIO_MEM_REQ_VMEMMAP, d->addr + offset, size);
+}
+
+/* The virtio-mem entry of query-memory-devices; caller unrefs. */
+static QDict *query_vm0(QTestState *qts)
+{
+    QDict *rsp = qtest_qmp(qts, "{ 'execute': 'query-memory-devices' }");
+    QList *list = qdict_get_qlist(rsp, "return");
+    QDict *data;
+
+    g_assert_cmpint(qlist_size(list), ==, 1);
+    data = qdict_get_qdict(qobject_to(QDict, qlist_peek(list)), "data");
+    qobject_ref(data);
+    qobject_unref(rsp);
+    return data;
+}
+
+static void test_feature_offer(void)
+{
+    Dev *d = dev_start("vmemmap-accounting=off", true, NULL);
+    QDict *info = query_vm0(d->qts);
+    g_autofree char *hmp = qtest_hmp(d->qts, "info memory-devices");
+
+    g_assert_false(d->offered & (1ull << VIRTIO_MEM_F_VMEMMAP));
+    g_assert_false(qdict_haskey(info, "vmemmap-size"));
+    g_assert_null(strstr(hmp, "vmemmap-size"));
+    g_assert_cmpuint(qom_get_u64(d->qts, "vmemmap-size"), ==, 0);
+    qobject_unref(info);
+    dev_stop(d);
+
+    d = dev_start("vmemmap-accounting=on", true, NULL);
+    info = query_vm0(d->qts);
+    g_assert_true(d->offered & (1ull << VIRTIO_MEM_F_VMEMMAP));
+    g_assert_true(qdict_haskey(info, "vmemmap-size"));
+    g_assert_cmpuint(qdict_get_int(info, "vmemmap-size"), ==, 0);
+    qobject_unref(info);
+    dev_stop(d);
+}
+
+/*
+ * Without the feature negotiated, the request is an unknown request:
+ * exactly what the device does with any other unknown type.
+ */
+static void test_not_negotiated(void)
+{
+    static const char *const opts[] = {
+        "vmemmap-accounting=off", "vmemmap-accounting=on",
+    };
+    int i;
+
+    for (i = 0; i < ARRAY_SIZE(opts); i++) {
+        Dev *d = dev_start(opts[i], false, NULL);
+
+        set_requested(d, 64 * MiB);
+        g_assert_cmpint(plug(d, 0, 2 * MiB), ==, VIRTIO_MEM_RESP_ACK);
+        g_assert_cmpint(vmemmap(d, 0, 4 * KiB), ==, -1);
+        g_assert_cmpuint(qom_get_u64(d->qts, "vmemmap-size"), ==, 0);
+        dev_stop(d);
+
+        /* Stock behaviour for an unknown type, for comparison. */
+        d = dev_start(opts[i], false, NULL);
+        g_assert_cmpint(request(d, VIRTIO_MEM_REQ_VMEMMAP + 1, d->addr, 0),
+                        ==, -1);
+        dev_stop(d);
+    }
+}
+
+/*
+ * Wait for a MEMORY_DEVICE_SIZE_CHANGE that carries @size/@vmemmap.  The
+ * event is rate-limited on the virtual clock under qtest: step it so a
+ * delayed event goes out, for at most ten rate-limit periods.
+ */
+static void wait_size_event(QTestState *qts, uint64_t size, uint64_t vmemmap)
+{
+    int periods = 0;
+
+    for (;;) {
+        QDict *ev = qtest_qmp_event_ref(qts, "MEMORY_DEVICE_SIZE_CHANGE");
+        QDict *data;
+        bool match;
+
+        if (!ev) {
+            g_assert_cmpint(periods++, <, 10);
+            qtest_clock_step(qts, NANOSECONDS_PER_SECOND);
+            /* Any QMP round trip collects events that went out. */
+            qobject_unref(qtest_qmp(qts, "{ 'execute': 'query-status' }"));
+            continue;
+        }
+        data = qdict_get_qdict(ev, "data");
+        g_assert_cmpstr(qdict_get_str(data, "id"), ==, "vm0");
+        g_assert_true(qdict_haskey(data, "vmemmap-size"));
+        match = qdict_get_int(data, "size") == size &&
+                qdict_get_int(data, "vmemmap-size") == vmemmap;
+        qobject_unref(ev);
+        if (match) {
+            return;
+        }
+    }
+}
+
+static void assert_reported(Dev *d, uint64_t size, uint64_t vmemmap_size)
+{
+    g_autofree char *hmp = qtest_hmp(d->qts, "info memory-devices");
+    g_autofree char *line = g_strdup_printf("  vmemmap-size: %" PRIu64 "\r\n",
+                                            vmemmap_size);
+    QDict *info = query_vm0(d->qts);
+
+    g_assert_cmpuint(qom_get_u64(d->qts, "size"), ==, size);
+    g_assert_cmpuint(qom_get_u64(d->qts, "vmemmap-size"), ==, vmemmap_size);
+    g_assert_cmpuint(qdict_get_int(info, "size"), ==, size);
+    g_assert_cmpuint(qdict_get_int(info, "vmemmap-size"), ==, vmemmap_size);
+    g_assert_nonnull(strstr(hmp, line));
+    qobject_unref(info);
+}
+
+/* Sub Block Mode: 2 MiB device blocks, the memmap is whole blocks. */
+static void test_sbm(void)
+{
+    Dev *d = dev_start("vmemmap-accounting=on,block-size=2M", true, NULL);
+
+    set_requested(d, 256 * MiB);
+    g_assert_cmpint(plug(d, 0, 64 * MiB), ==, VIRTIO_MEM_RESP_ACK);
+    g_assert_cmpint(plug(d, 128 * MiB, 64 * MiB), ==, VIRTIO_MEM_RESP_ACK);
+    wait_size_event(d->qts, 128 * MiB, 0);
+
+    g_assert_cmpint(vmemmap(d, 0, 2 * MiB), ==, VIRTIO_MEM_RESP_ACK);
+    g_assert_cmpint(vmemmap(d, 128 * MiB, 2 * MiB), ==, VIRTIO_MEM_RESP_ACK);
+    assert_reported(d, 128 * MiB, 4 * MiB);
+    wait_size_event(d->qts, 128 * MiB, 4 * MiB);
+
+    /* Unplugging a block that holds vmemmap drops that part only. */
+    g_assert_cmpint(unplug(d, 128 * MiB, 2 * MiB), ==, VIRTIO_MEM_RESP_ACK);
+    assert_reported(d, 126 * MiB, 2 * MiB);
+    /* ... unplugging one without leaves it alone. */
+    g_assert_cmpint(unplug(d, 130 * MiB, 2 * MiB), ==, VIRTIO_MEM_RESP_ACK);
+    assert_reported(d, 124 * MiB, 2 * MiB);
+    wait_size_event(d->qts, 124 * MiB, 2 * MiB);
+
+    g_assert_cmpint(request(d, VIRTIO_MEM_REQ_UNPLUG_ALL, 0, 0), ==,
+                    VIRTIO_MEM_RESP_ACK);
+    assert_reported(d, 0, 0);
+    dev_stop(d);
+}
+
+/* Big Block Mode: one device block spans two Linux memory blocks. */
+static void test_bbm(void)
+{
+    Dev *d = dev_start("vmemmap-accounting=on,block-size=256M", true, NULL);
+
+    set_requested(d, 512 * MiB);
+    g_assert_cmpint(plug(d, 0, 256 * MiB), ==, VIRTIO_MEM_RESP_ACK);
+    g_assert_cmpint(vmemmap(d, 0, 2 * MiB), ==, VIRTIO_MEM_RESP_ACK);
+    g_assert_cmpint(vmemmap(d, 128 * MiB, 2 * MiB), ==, VIRTIO_MEM_RESP_ACK);
+    /* A partial page run inside the block is fine too. */
+    g_assert_cmpint(vmemmap(d, 64 * MiB, 36 * KiB), ==, VIRTIO_MEM_RESP_ACK);
+    assert_reported(d, 256 * MiB, 4 * MiB + 36 * KiB);
+
+    g_assert_cmpint(unplug(d, 0, 256 * MiB), ==, VIRTIO_MEM_RESP_ACK);
+    assert_reported(d, 0, 0);
+    dev_stop(d);
+}
+
+/* Every malformed request gets ERROR, changes nothing, breaks nothing. */
+static void test_bad_requests(void)
+{
+    Dev *d = dev_start("vmemmap-accounting=on,block-size=2M", true, NULL);
+    const uint64_t usable = qom_get_u64(d->qts, "requested-size");
+    uint64_t usable_region;
+
+    g_assert_cmpuint(usable, ==, 0);
+    set_requested(d, 64 * MiB);
+    g_assert_cmpint(plug(d, 0, 8 * MiB), ==, VIRTIO_MEM_RESP_ACK);
+    g_assert_cmpint(vmemmap(d, 0, 2 * MiB), ==, VIRTIO_MEM_RESP_ACK);
+    usable_region = qvirtio_config_readq(d->vdev,
+        offsetof(struct virtio_mem_config, usable_region_size));
+
+    /* zero length */
+    g_assert_cmpint(vmemmap(d, 4 * MiB, 0), ==, VIRTIO_MEM_RESP_ERROR);
+    /* unaligned address, unaligned size */
+    g_assert_cmpint(vmemmap(d, 4 * MiB + 512, 4 * KiB), ==,
+                    VIRTIO_MEM_RESP_ERROR);
+    g_assert_cmpint(vmemmap(d, 4 * MiB, 4 * KiB + 1), ==,
+                    VIRTIO_MEM_RESP_ERROR);
+    /* overflowing */
+    g_assert_cmpint(request(d, VIRTIO_MEM_REQ_VMEMMAP, UINT64_MAX - 4095,
+                            8 * KiB), ==, VIRTIO_MEM_RESP_ERROR);
+    /* below the device, beyond the usable region, straddling its end */
+    g_assert_cmpint(request(d, VIRTIO_MEM_REQ_VMEMMAP, d->addr - 4 * KiB,
+                            8 * KiB), ==, VIRTIO_MEM_RESP_ERROR);
+    g_assert_cmpint(vmemmap(d, usable_region, 4 * KiB), ==,
+                    VIRTIO_MEM_RESP_ERROR);
+    g_assert_cmpint(vmemmap(d, usable_region - 4 * KiB, 8 * KiB), ==,
+                    VIRTIO_MEM_RESP_ERROR);
+    /* unplugged memory, and a range half plugged */
+    g_assert_cmpint(vmemmap(d, 16 * MiB, 4 * KiB), ==, VIRTIO_MEM_RESP_ERROR);
+    g_assert_cmpint(vmemmap(d, 7 * MiB, 2 * MiB), ==, VIRTIO_MEM_RESP_ERROR);
+    /* overlapping what is marked, exactly or partly */
+    g_assert_cmpint(vmemmap(d, 0, 2 * MiB), ==, VIRTIO_MEM_RESP_ERROR);
+    g_assert_cmpint(vmemmap(d, 1 * MiB, 2 * MiB), ==, VIRTIO_MEM_RESP_ERROR);
+
+    /* No partial update, and the device still works. */
+    assert_reported(d, 8 * MiB, 2 * MiB);
+    g_assert_false(d->vdev->bus->get_status(d->vdev) &
+                   VIRTIO_CONFIG_S_NEEDS_RESET);
+    g_assert_cmpint(vmemmap(d, 2 * MiB, 2 * MiB), ==, VIRTIO_MEM_RESP_ACK);
+    g_assert_cmpint(plug(d, 8 * MiB, 2 * MiB), ==, VIRTIO_MEM_RESP_ACK);
+    assert_reported(d, 10 * MiB, 4 * MiB);
+    dev_stop(d);
+}
+
+static void test_reset(void)
+{
+    Dev *d = dev_start("vmemmap-accounting=on,block-size=2M", true, NULL);
+
+    set_requested(d, 64 * MiB);
+    g_assert_cmpint(plug(d, 0, 16 * MiB), ==, VIRTIO_MEM_RESP_ACK);
+    g_assert_cmpint(vmemmap(d, 0, 2 * MiB), ==, VIRTIO_MEM_RESP_ACK);
+    assert_reported(d, 16 * MiB, 2 * MiB);
+    qtest_qmp_assert_success(d->qts, "{ 'execute': 'system_reset' }");
+    qtest_qmp_eventwait(d->qts, "RESET");
+    assert_reported(d, 0, 0);
+    dev_stop(d);
+}
+
+/*
+ * Migrate a device with marked ranges to a second QEMU and compare; then
+ * check that a destination that did not plug the same memory refuses it.
+ */
+static void migrate_one(const char *opts)
+{
+    g_autofree char *sock = g_strdup_printf("%s/vmemmap-mig-%d.sock",
+                                            g_get_tmp_dir(), getpid());
+    g_autofree char *uri = g_strdup_printf("unix:%s", sock);
+    g_autofree char *incoming = g_strdup_printf("-incoming %s", uri);
+    Dev *src = dev_start(opts, true, NULL);
+    QTestState *dst;
+    QDict *rsp;
+
+    set_requested(src, 512 * MiB);
+    g_assert_cmpint(plug(src, 0, 256 * MiB), ==, VIRTIO_MEM_RESP_ACK);
+    g_assert_cmpint(vmemmap(src, 0, 2 * MiB), ==, VIRTIO_MEM_RESP_ACK);
+    g_assert_cmpint(vmemmap(src, 128 * MiB, 2 * MiB), ==,
+                    VIRTIO_MEM_RESP_ACK);
+
+    dst = qtest_initf("-machine pc -m 128M,maxmem=%" PRIu64
+                      " -object memory-backend-ram,id=mem0,size=%" PRIu64
+                      " -device virtio-mem-pci,id=vm0,memdev=mem0,%s %s",
+                      128 * MiB + REGION_SIZE, REGION_SIZE, opts, incoming);
+    rsp = qtest_qmp(src->qts, "{ 'execute': 'migrate', 'arguments': "
+                    "{ 'uri': %s } }", uri);
+    g_assert_true(qdict_haskey(rsp, "return"));
+    qobject_unref(rsp);
+    qtest_qmp_eventwait(dst, "RESUME");
+
+    g_assert_cmpuint(qom_get_u64(dst, "size"), ==, 256 * MiB);
+    g_assert_cmpuint(qom_get_u64(dst, "vmemmap-size"), ==, 4 * MiB);
+    unlink(sock);
+    qtest_quit(dst);
+    dev_stop(src);
+}
+
+static void test_migration(void)
+{
+    migrate_one("vmemmap-accounting=on,block-size=2M,x-early-migration=on");
+    migrate_one("vmemmap-accounting=on,block-size=2M,x-early-migration=off");
+    migrate_one("vmemmap-accounting=on,block-size=256M");
+}
+
+/* A destination without the feature refuses state that needs it. */
+static void test_migration_to_off(void)
+{
+    g_autofree char *sock = g_strdup_printf("%s/vmemmap-mig-off-%d.sock",
+                                            g_get_tmp_dir(), getpid());
+    g_autofree char *uri = g_strdup_printf("unix:%s", sock);
+    g_autofree char *incoming = g_strdup_printf("-incoming %s", uri);
+    Dev *src = dev_start("vmemmap-accounting=on,block-size=2M", true, NULL);
+    QTestState *dst;
+    QDict *rsp;
+
+    set_requested(src, 64 * MiB);
+    g_assert_cmpint(plug(src, 0, 4 * MiB), ==, VIRTIO_MEM_RESP_ACK);
+    g_assert_cmpint(vmemmap(src, 0, 2 * MiB), ==, VIRTIO_MEM_RESP_ACK);
+
+    dst = qtest_initf("-machine pc -m 128M,maxmem=%" PRIu64
+                      " -object memory-backend-ram,id=mem0,size=%" PRIu64
+                      " -device virtio-mem-pci,id=vm0,memdev=mem0,"
+                      "vmemmap-accounting=off,block-size=2M %s",
+                      128 * MiB + REGION_SIZE, REGION_SIZE, incoming);
+    qtest_set_expected_status(dst, EXIT_FAILURE);
+    rsp = qtest_qmp(src->qts, "{ 'execute': 'migrate', 'arguments': "
+                    "{ 'uri': %s } }", uri);
+    qobject_unref(rsp);
+    qtest_wait_qemu(dst);
+    unlink(sock);
+    dev_stop(src);
+}
+
+int main(int argc, char **argv)
+{
+    g_test_init(&argc, &argv, NULL);
+
+    qtest_add_func("/virtio-mem-vmemmap/feature-offer", test_feature_offer);
+    qtest_add_func("/virtio-mem-vmemmap/not-negotiated", test_not_negotiated);
+    qtest_add_func("/virtio-mem-vmemmap/sbm", test_sbm);
+    qtest_add_func("/virtio-mem-vmemmap/bbm", test_bbm);
+    qtest_add_func("/virtio-mem-vmemmap/bad-requests", test_bad_requests);
+    qtest_add_func("/virtio-mem-vmemmap/reset", test_reset);
+    qtest_add_func("/virtio-mem-vmemmap/migration", test_migration);
+    qtest_add_func("/virtio-mem-vmemmap/migration-to-off",
+                   test_migration_to_off);
+    return g_test_run();
+}
