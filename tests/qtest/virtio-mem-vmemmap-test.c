@@ -60,23 +60,27 @@ static void find_dev(QPCIDevice *pci, int devfn, void *opaque)
     *found = devfn;
 }
 
+/* Start QEMU with one virtio-mem-pci device "vm0" (@dev_opts added). */
+static QTestState *qemu_start(const char *dev_opts, const char *extra)
+{
+    return qtest_initf("-machine pc -m 128M,maxmem=%" PRIu64
+                       " -object memory-backend-ram,id=mem0,size=%" PRIu64
+                       " -device virtio-mem-pci,id=vm0,memdev=mem0,%s %s",
+                       128 * MiB + REGION_SIZE, REGION_SIZE, dev_opts, extra);
+}
+
 /*
- * Start QEMU with one virtio-mem-pci device "vm0" and bring it up like a
- * driver; @negotiate_vmemmap says whether to accept VIRTIO_MEM_F_VMEMMAP.
+ * Start QEMU and bring the device up like a driver; @negotiate_vmemmap
+ * says whether to accept VIRTIO_MEM_F_VMEMMAP.
  */
-static Dev *dev_start(const char *dev_opts, bool negotiate_vmemmap,
-                      const char *extra)
+static Dev *dev_start(const char *dev_opts, bool negotiate_vmemmap)
 {
     Dev *d = g_new0(Dev, 1);
     QPCIAddress pci_addr = { 0 };
     uint64_t features;
     int devfn = -1;
 
-    d->qts = qtest_initf("-machine pc -m 128M,maxmem=%" PRIu64
-                         " -object memory-backend-ram,id=mem0,size=%" PRIu64
-                         " -device virtio-mem-pci,id=vm0,memdev=mem0,%s %s",
-                         128 * MiB + REGION_SIZE, REGION_SIZE, dev_opts,
-                         extra ? extra : "");
+    d->qts = qemu_start(dev_opts, "");
     pc_alloc_init(&d->alloc, d->qts, ALLOC_NO_FLAGS);
     d->bus = qpci_new_pc(d->qts, &d->alloc);
     qpci_device_foreach(d->bus, PCI_VENDOR_ID_REDHAT_QUMRANET,
@@ -194,7 +198,7 @@ static QDict *query_vm0(QTestState *qts)
 
 static void test_feature_offer(void)
 {
-    Dev *d = dev_start("vmemmap-accounting=off", true, NULL);
+    Dev *d = dev_start("vmemmap-accounting=off", true);
     QDict *info = query_vm0(d->qts);
     g_autofree char *hmp = qtest_hmp(d->qts, "info memory-devices");
 
@@ -205,7 +209,7 @@ static void test_feature_offer(void)
     qobject_unref(info);
     dev_stop(d);
 
-    d = dev_start("vmemmap-accounting=on", true, NULL);
+    d = dev_start("vmemmap-accounting=on", true);
     info = query_vm0(d->qts);
     g_assert_true(d->offered & (1ull << VIRTIO_MEM_F_VMEMMAP));
     g_assert_true(qdict_haskey(info, "vmemmap-size"));
@@ -226,7 +230,7 @@ static void test_not_negotiated(void)
     int i;
 
     for (i = 0; i < ARRAY_SIZE(opts); i++) {
-        Dev *d = dev_start(opts[i], false, NULL);
+        Dev *d = dev_start(opts[i], false);
 
         set_requested(d, 64 * MiB);
         g_assert_cmpint(plug(d, 0, 2 * MiB), ==, VIRTIO_MEM_RESP_ACK);
@@ -235,7 +239,7 @@ static void test_not_negotiated(void)
         dev_stop(d);
 
         /* Stock behaviour for an unknown type, for comparison. */
-        d = dev_start(opts[i], false, NULL);
+        d = dev_start(opts[i], false);
         g_assert_cmpint(request(d, VIRTIO_MEM_REQ_VMEMMAP + 1, d->addr, 0),
                         ==, -1);
         dev_stop(d);
@@ -293,7 +297,7 @@ static void assert_reported(Dev *d, uint64_t size, uint64_t vmemmap_size)
 /* Sub Block Mode: 2 MiB device blocks, the memmap is whole blocks. */
 static void test_sbm(void)
 {
-    Dev *d = dev_start("vmemmap-accounting=on,block-size=2M", true, NULL);
+    Dev *d = dev_start("vmemmap-accounting=on,block-size=2M", true);
 
     set_requested(d, 256 * MiB);
     g_assert_cmpint(plug(d, 0, 64 * MiB), ==, VIRTIO_MEM_RESP_ACK);
@@ -322,7 +326,7 @@ static void test_sbm(void)
 /* Big Block Mode: one device block spans two Linux memory blocks. */
 static void test_bbm(void)
 {
-    Dev *d = dev_start("vmemmap-accounting=on,block-size=256M", true, NULL);
+    Dev *d = dev_start("vmemmap-accounting=on,block-size=256M", true);
 
     set_requested(d, 512 * MiB);
     g_assert_cmpint(plug(d, 0, 256 * MiB), ==, VIRTIO_MEM_RESP_ACK);
@@ -340,11 +344,10 @@ static void test_bbm(void)
 /* Every malformed request gets ERROR, changes nothing, breaks nothing. */
 static void test_bad_requests(void)
 {
-    Dev *d = dev_start("vmemmap-accounting=on,block-size=2M", true, NULL);
-    const uint64_t usable = qom_get_u64(d->qts, "requested-size");
+    Dev *d = dev_start("vmemmap-accounting=on,block-size=2M", true);
     uint64_t usable_region;
 
-    g_assert_cmpuint(usable, ==, 0);
+    g_assert_cmpuint(qom_get_u64(d->qts, "requested-size"), ==, 0);
     set_requested(d, 64 * MiB);
     g_assert_cmpint(plug(d, 0, 8 * MiB), ==, VIRTIO_MEM_RESP_ACK);
     g_assert_cmpint(vmemmap(d, 0, 2 * MiB), ==, VIRTIO_MEM_RESP_ACK);
@@ -387,7 +390,7 @@ static void test_bad_requests(void)
 
 static void test_reset(void)
 {
-    Dev *d = dev_start("vmemmap-accounting=on,block-size=2M", true, NULL);
+    Dev *d = dev_start("vmemmap-accounting=on,block-size=2M", true);
 
     set_requested(d, 64 * MiB);
     g_assert_cmpint(plug(d, 0, 16 * MiB), ==, VIRTIO_MEM_RESP_ACK);
@@ -400,18 +403,41 @@ static void test_reset(void)
 }
 
 /*
- * Migrate a device with marked ranges to a second QEMU and compare; then
- * check that a destination that did not plug the same memory refuses it.
+ * Migrate @src to a new QEMU whose device has @dst_opts.  Returns the
+ * destination, running, if @succeed; otherwise checks that the destination
+ * failed the load and exited, and returns NULL.
  */
-static void migrate_one(const char *opts)
+static QTestState *migrate_to(Dev *src, const char *dst_opts, bool succeed)
 {
     g_autofree char *sock = g_strdup_printf("%s/vmemmap-mig-%d.sock",
                                             g_get_tmp_dir(), getpid());
     g_autofree char *uri = g_strdup_printf("unix:%s", sock);
     g_autofree char *incoming = g_strdup_printf("-incoming %s", uri);
-    Dev *src = dev_start(opts, true, NULL);
-    QTestState *dst;
+    QTestState *dst = qemu_start(dst_opts, incoming);
     QDict *rsp;
+
+    if (!succeed) {
+        qtest_set_expected_status(dst, EXIT_FAILURE);
+    }
+    rsp = qtest_qmp(src->qts, "{ 'execute': 'migrate', 'arguments': "
+                    "{ 'uri': %s } }", uri);
+    g_assert_true(qdict_haskey(rsp, "return"));
+    qobject_unref(rsp);
+    if (succeed) {
+        qtest_qmp_eventwait(dst, "RESUME");
+    } else {
+        qtest_wait_qemu(dst);
+        dst = NULL;
+    }
+    unlink(sock);
+    return dst;
+}
+
+/* Migrate a device with marked ranges to a second QEMU and compare. */
+static void migrate_one(const char *opts)
+{
+    Dev *src = dev_start(opts, true);
+    QTestState *dst;
 
     set_requested(src, 512 * MiB);
     g_assert_cmpint(plug(src, 0, 256 * MiB), ==, VIRTIO_MEM_RESP_ACK);
@@ -419,19 +445,9 @@ static void migrate_one(const char *opts)
     g_assert_cmpint(vmemmap(src, 128 * MiB, 2 * MiB), ==,
                     VIRTIO_MEM_RESP_ACK);
 
-    dst = qtest_initf("-machine pc -m 128M,maxmem=%" PRIu64
-                      " -object memory-backend-ram,id=mem0,size=%" PRIu64
-                      " -device virtio-mem-pci,id=vm0,memdev=mem0,%s %s",
-                      128 * MiB + REGION_SIZE, REGION_SIZE, opts, incoming);
-    rsp = qtest_qmp(src->qts, "{ 'execute': 'migrate', 'arguments': "
-                    "{ 'uri': %s } }", uri);
-    g_assert_true(qdict_haskey(rsp, "return"));
-    qobject_unref(rsp);
-    qtest_qmp_eventwait(dst, "RESUME");
-
+    dst = migrate_to(src, opts, true);
     g_assert_cmpuint(qom_get_u64(dst, "size"), ==, 256 * MiB);
     g_assert_cmpuint(qom_get_u64(dst, "vmemmap-size"), ==, 4 * MiB);
-    unlink(sock);
     qtest_quit(dst);
     dev_stop(src);
 }
@@ -446,29 +462,14 @@ static void test_migration(void)
 /* A destination without the feature refuses state that needs it. */
 static void test_migration_to_off(void)
 {
-    g_autofree char *sock = g_strdup_printf("%s/vmemmap-mig-off-%d.sock",
-                                            g_get_tmp_dir(), getpid());
-    g_autofree char *uri = g_strdup_printf("unix:%s", sock);
-    g_autofree char *incoming = g_strdup_printf("-incoming %s", uri);
-    Dev *src = dev_start("vmemmap-accounting=on,block-size=2M", true, NULL);
-    QTestState *dst;
-    QDict *rsp;
+    Dev *src = dev_start("vmemmap-accounting=on,block-size=2M", true);
 
     set_requested(src, 64 * MiB);
     g_assert_cmpint(plug(src, 0, 4 * MiB), ==, VIRTIO_MEM_RESP_ACK);
     g_assert_cmpint(vmemmap(src, 0, 2 * MiB), ==, VIRTIO_MEM_RESP_ACK);
 
-    dst = qtest_initf("-machine pc -m 128M,maxmem=%" PRIu64
-                      " -object memory-backend-ram,id=mem0,size=%" PRIu64
-                      " -device virtio-mem-pci,id=vm0,memdev=mem0,"
-                      "vmemmap-accounting=off,block-size=2M %s",
-                      128 * MiB + REGION_SIZE, REGION_SIZE, incoming);
-    qtest_set_expected_status(dst, EXIT_FAILURE);
-    rsp = qtest_qmp(src->qts, "{ 'execute': 'migrate', 'arguments': "
-                    "{ 'uri': %s } }", uri);
-    qobject_unref(rsp);
-    qtest_wait_qemu(dst);
-    unlink(sock);
+    g_assert_null(migrate_to(src, "vmemmap-accounting=off,block-size=2M",
+                             false));
     dev_stop(src);
 }
 
