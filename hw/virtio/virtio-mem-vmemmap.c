@@ -242,23 +242,19 @@ static int virtio_mem_vmemmap_post_load(void *opaque, int version_id)
     vm->mig_nr_ranges = 0;
     virtio_mem_vmemmap_clear(vm);
 
+    /* Each range must pass what a request for it would have to pass. */
     for (i = 0; i < nr; i++) {
         const uint64_t start = ranges[i].start, size = ranges[i].size;
-        const char *why = NULL;
+        VirtIOMEMVmemmapCheck check = VIRTIO_MEM_VMEMMAP_UNPLUGGED;
 
-        if (!size || !QEMU_IS_ALIGNED(start | size, VIRTIO_MEM_VMEMMAP_ALIGN)) {
-            why = "is empty or not 4 KiB aligned";
-        } else if (start + size < start || start + size > vm->region_size) {
-            why = "is outside the device's memory region";
-        } else if (!vm->block_size ||
-                   !virtio_mem_vmemmap_plugged(vm, start, size)) {
-            why = "is not plugged";
-        } else if (virtio_mem_vmemmap_intersects(vm, start, size)) {
-            why = "overlaps another range";
+        if (vm->block_size) {
+            check = virtio_mem_vmemmap_check(vm, 0, vm->region_size,
+                                             start, size);
         }
-        if (why) {
+        if (check != VIRTIO_MEM_VMEMMAP_OK) {
             error_report("virtio-mem: incoming vmemmap range 0x%" PRIx64
-                         "+0x%" PRIx64 " %s", start, size, why);
+                         "+0x%" PRIx64 ": %s", start, size,
+                         virtio_mem_vmemmap_check_str(check));
             virtio_mem_vmemmap_clear(vm);
             return -EINVAL;
         }
