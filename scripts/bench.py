@@ -105,6 +105,13 @@ def plots(res, outdir):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     files = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        files.append(os.path.join(outdir, name))
+        fig.savefig(files[-1], dpi=100)
+        plt.close(fig)
+
     if 'footprint' in res:
         fig, ax = plt.subplots(figsize=(8, 4.5))
         for arm, style in (('stock', 'r'), ('project', 'g')):
@@ -119,9 +126,7 @@ def plots(res, outdir):
         ax.set_title('host charge vs plugged size (plug, touch, unplug cycles)')
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        files.append(os.path.join(outdir, 'footprint.png'))
-        fig.savefig(files[-1], dpi=100)
+        save(fig, 'footprint.png')
         fig, ax = plt.subplots(figsize=(8, 3.5))
         for arm, style in (('stock', 'r'), ('project', 'g')):
             smp = res['footprint'][arm]['samples']
@@ -136,9 +141,7 @@ def plots(res, outdir):
         ax.set_title('drift')
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        files.append(os.path.join(outdir, 'drift.png'))
-        fig.savefig(files[-1], dpi=100)
+        save(fig, 'drift.png')
     if 'capacity' in res:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         arms = ['stock', 'project']
@@ -151,9 +154,7 @@ def plots(res, outdir):
         ax.set_ylabel('GiB plugged')
         ax.set_title('128 MiB guest (online_movable): capacity')
         ax.legend()
-        fig.tight_layout()
-        files.append(os.path.join(outdir, 'capacity.png'))
-        fig.savefig(files[-1], dpi=100)
+        save(fig, 'capacity.png')
     return files
 
 
