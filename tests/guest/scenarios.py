@@ -50,10 +50,6 @@ def guest_for(arm, name, mem, device_size, online='online_movable',
                  modparams=modparams)
 
 
-def vmemmap_size(g):
-    return g.qom_get('vmemmap-size') if device_has('vmemmap-size') else 0
-
-
 def bound(n):
     """Footprint tolerance: max(4 MiB, 0.1% of the plugged size)."""
     return max(4 * MiB, n // 1000)
@@ -75,7 +71,7 @@ def footprint(arm, n=2 * GiB, cycles=3, mem='512M'):
         def sample(cycle, step):
             size = g.qom_get('size')
             s = {'cycle': cycle, 'step': step, 't': time.monotonic() - t0,
-                 'size': size, 'vmemmap_size': vmemmap_size(g),
+                 'size': size, 'vmemmap_size': g.vmemmap_size(),
                  'memtotal_gain': g.mem_total() - base_total,
                  'charge': g.charge() - base}
             s['drift'] = s['charge'] - size
@@ -113,7 +109,7 @@ def usable(arm, n=1 * GiB, mem='512M'):
     with guest_for(arm, 'usable', mem, f'{max(2, 2 * n // GiB)}G') as g:
         base_total = g.mem_total()
         g.resize(n)
-        r = {'n': n, 'size': g.qom_get('size'), 'vmemmap_size': vmemmap_size(g),
+        r = {'n': n, 'size': g.qom_get('size'), 'vmemmap_size': g.vmemmap_size(),
              'memtotal_gain': g.mem_total() - base_total,
              'guest_vmemmap': guest_vmemmap_bytes(g)}
         g.resize(0)
@@ -151,7 +147,7 @@ def capacity(arm, want=64 * GiB, mem='128M', quiet=20, timeout=1800):
         poll(done, timeout, f'{arm} capacity run to settle', interval=0.5)
         size = g.qom_get('size')
         secs = time.monotonic() - t0 - (0 if size == want else quiet)
-        r = {'requested': want, 'size': size, 'vmemmap_size': vmemmap_size(g),
+        r = {'requested': want, 'size': size, 'vmemmap_size': g.vmemmap_size(),
              'memtotal_gain': g.mem_total() - base_total, 'seconds': secs,
              'log_errors': g.bad_log_lines(),
              'alloc_failures': sum('vmemmap alloc failure' in l or

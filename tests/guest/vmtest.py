@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.join(BUILD, 'qemu-src', 'python'))
 
 # pylint: disable=wrong-import-position
 from qemu.machine import QEMUMachine  # noqa: E402
+from qemu.qmp import ExecuteError  # noqa: E402
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -240,6 +241,11 @@ class Guest:
         poll(lambda: self.ctl.connect_ex(ctl_path) == 0, 10, 'control socket')
         self.ctl.settimeout(0.5)
         self._read_until(rb'@@READY (\S+)@@\n', self.boot_timeout, 'guest boot')
+        # What the guest has with nothing plugged: the reference against
+        # which resize() knows the guest is at rest.
+        self.boot_total = None
+        if self.device and self.qom_get('size') == 0:
+            self.boot_total = self.mem_total()
         return self
 
     def stop(self):
@@ -347,20 +353,50 @@ class Guest:
     def charge(self):
         return self.cg.charge()
 
+    def vmemmap_size(self):
+        """The device's vmemmap-size; 0 where the binary lacks it."""
+        try:
+            return self.qom_get('vmemmap-size')
+        except ExecuteError:
+            return 0
+
     def resize(self, requested, timeout=600, settle_size=None):
         """Set requested-size and wait until the device and the guest settle.
 
         Settled: `size` equals settle_size (default: requested) and the
-        guest's MemTotal has not changed over two successive polls.
-        Returns the seconds it took.
+        guest is at rest (see wait_guest_at_rest).  Returns the seconds it
+        took.
         """
         want = requested if settle_size is None else settle_size
         t0 = time.monotonic()
         self.qom_set('requested-size', requested)
         poll(lambda: self.qom_get('size') == want, timeout,
              f'size == {want >> 20} MiB (now {self.qom_get("size") >> 20} MiB)')
-        self.wait_guest_settled(timeout)
+        self.wait_guest_at_rest(timeout)
         return time.monotonic() - t0
+
+    def wait_guest_at_rest(self, timeout=120):
+        """Wait until the guest has onlined (or offlined) what the device
+        says is plugged: MemTotal == boot MemTotal + size - vmemmap-size.
+        The device answers a plug before the guest adds and onlines the
+        memory, so `size` alone is no sign of rest.  A guest that never
+        gets there fails here, with the figures, after `timeout` seconds.
+        Without a boot reference, falls back to a stable MemTotal."""
+        if self.boot_total is None:
+            self.wait_guest_settled(timeout)
+            return
+        last = [None]
+
+        def at_rest():
+            want = self.boot_total + self.qom_get('size') - self.vmemmap_size()
+            last[0] = (self.mem_total(), want)
+            return last[0][0] == want
+        try:
+            poll(at_rest, timeout, 'guest at rest', interval=0.2)
+        except HarnessError as e:
+            raise HarnessError(f'guest MemTotal {last[0][0] >> 10} KiB never '
+                               f'reached boot + size - vmemmap-size = '
+                               f'{last[0][1] >> 10} KiB') from e
 
     def wait_guest_settled(self, timeout=120):
         last = [None]
