@@ -147,7 +147,6 @@ def test_enospc_never_overshoots():
 
 def test_reboot_mid_resize():
     with guest_for('project', 'drv-reboot', '512M', '4G') as g:
-        base = g.mem_total()
         g.qom_set('requested-size', 2 * GiB)
         poll(lambda: g.qom_get('size') > 0, 60, 'plugging to start')
         g.vm.cmd('system_reset')
@@ -157,12 +156,12 @@ def test_reboot_mid_resize():
         check(g.qom_get('size') == 0 and g.qom_get('vmemmap-size') == 0,
               f'after reset: size {g.qom_get("size")}, vmemmap-size '
               f'{g.qom_get("vmemmap-size")}')
-        g._read_until(rb'@@READY (\S+)@@\n', 120, 'guest reboot')
+        g.wait_ready(120, 'guest reboot')
         poll(lambda: g.qom_get('size') == 2 * GiB, 300, 're-plug after reset')
         g.wait_guest_at_rest()
-        expect_state(g, base, 2 * GiB)
+        expect_state(g, g.boot_total, 2 * GiB)
         g.resize(0)
-        expect_state(g, base, 0)
+        expect_state(g, g.boot_total, 0)
 
 
 def test_hvo():

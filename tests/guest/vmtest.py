@@ -240,13 +240,15 @@ class Guest:
         self.ctl = socket.socket(socket.AF_UNIX)
         poll(lambda: self.ctl.connect_ex(ctl_path) == 0, 10, 'control socket')
         self.ctl.settimeout(0.5)
-        self._read_until(rb'@@READY (\S+)@@\n', self.boot_timeout, 'guest boot')
-        # What the guest has with nothing plugged: the reference against
-        # which resize() knows the guest is at rest.
-        self.boot_total = None
-        if self.device and self.qom_get('size') == 0:
-            self.boot_total = self.mem_total()
+        self.wait_ready(self.boot_timeout)
         return self
+
+    def wait_ready(self, timeout, what='guest boot'):
+        """Wait for init's READY line; it carries MemTotal before the
+        module was loaded, the reference against which resize() knows the
+        guest is at rest.  Call again after a guest reboot."""
+        m = self._read_until(rb'@@READY (\S+) (\d+)@@\n', timeout, what)
+        self.boot_total = int(m.group(2)) * 1024
 
     def stop(self):
         if self.ctl:
@@ -380,11 +382,7 @@ class Guest:
         says is plugged: MemTotal == boot MemTotal + size - vmemmap-size.
         The device answers a plug before the guest adds and onlines the
         memory, so `size` alone is no sign of rest.  A guest that never
-        gets there fails here, with the figures, after `timeout` seconds.
-        Without a boot reference, falls back to a stable MemTotal."""
-        if self.boot_total is None:
-            self.wait_guest_settled(timeout)
-            return
+        gets there fails here, with the figures, after `timeout` seconds."""
         last = [None]
 
         def at_rest():
@@ -397,16 +395,6 @@ class Guest:
             raise HarnessError(f'guest MemTotal {last[0][0] >> 10} KiB never '
                                f'reached boot + size - vmemmap-size = '
                                f'{last[0][1] >> 10} KiB') from e
-
-    def wait_guest_settled(self, timeout=120):
-        last = [None]
-
-        def stable():
-            cur = (self.mem_total(), self.qom_get('size'))
-            same = cur == last[0]
-            last[0] = cur
-            return same
-        poll(stable, timeout, 'guest MemTotal to settle', interval=0.2)
 
 
 def require_kit():
