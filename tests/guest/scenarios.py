@@ -4,37 +4,38 @@ The measured scenarios, shared by the benchmark (scripts/bench.py) and the
 reduced end-to-end tests (tests/guest/test_footprint.py).
 
 Each scenario runs one "arm":
-  stock    the device without vmemmap-accounting, Debian's unpatched
-           virtio_mem, memmap_on_memory off: memmap comes from boot RAM;
-  project  vmemmap-accounting=on, the patched module,
+  stock    Debian's QEMU without the project's series
+           (build/qemu-system-x86_64-stock), Debian's unpatched virtio_mem,
+           memmap_on_memory off: memmap comes from boot RAM;
+  project  the fork with vmemmap-accounting=on, the patched module,
            memory_hotplug.memmap_on_memory=1.
-Both arms run on the same QEMU build.
 """
 
+import contextlib
 import statistics
 import subprocess
 import time
 
-from vmtest import BUILD, GiB, MiB, Guest, HarnessError, log, poll
+from vmtest import (QEMU, STOCK_QEMU, GiB, MiB, Guest, HarnessError, log,
+                    poll)
 
 ARMS = {
-    'stock': {'module': 'stock', 'memmap_on_memory': False,
-              'vmemmap_accounting': False},
-    'project': {'module': 'patched', 'memmap_on_memory': True,
+    'stock': {'qemu': STOCK_QEMU, 'module': 'stock',
+              'memmap_on_memory': False, 'vmemmap_accounting': None},
+    'project': {'qemu': QEMU, 'module': 'patched', 'memmap_on_memory': True,
                 'vmemmap_accounting': True},
 }
 
-_props = None
+_props = {}
 
 
-def device_has(prop):
-    """Whether this build's virtio-mem-pci has property prop."""
-    global _props  # pylint: disable=global-statement
-    if _props is None:
-        _props = subprocess.run([f'{BUILD}/qemu-system-x86_64', '-device',
-                                 'virtio-mem-pci,help'], capture_output=True,
-                                text=True, check=False).stdout
-    return f' {prop}=' in _props
+def device_has(prop, qemu=QEMU):
+    """Whether virtio-mem-pci of the binary qemu has property prop."""
+    if qemu not in _props:
+        _props[qemu] = subprocess.run([qemu, '-device', 'virtio-mem-pci,help'],
+                                      capture_output=True, text=True,
+                                      check=False).stdout
+    return f' {prop}=' in _props[qemu]
 
 
 def guest_for(arm, name, mem, device_size, online='online_movable',
@@ -42,12 +43,12 @@ def guest_for(arm, name, mem, device_size, online='online_movable',
     a = ARMS[arm]
     dev = {'size': device_size, 'block_size': '2M', 'requested': 0,
            'reserve': reserve}
-    if device_has('vmemmap-accounting'):
+    if a['vmemmap_accounting'] is not None:
         dev['vmemmap_accounting'] = a['vmemmap_accounting']
     return Guest(f'{name}-{arm}', mem=mem, maxmem=maxmem or '80G',
                  device=dev, module=a['module'], online=online,
                  memmap_on_memory=a['memmap_on_memory'],
-                 modparams=modparams)
+                 modparams=modparams, qemu=a['qemu'])
 
 
 def bound(n):
@@ -58,26 +59,41 @@ def bound(n):
 def footprint(arm, n=2 * GiB, cycles=3, mem='512M'):
     """Plug n, touch what was added, unplug to 0; `cycles` times.
 
-    Records the cgroup charge over (baseline + size) at each step.  The
-    baseline is taken after boot, before any plug.
+    At each step records, relative to the baseline taken after boot
+    (before any plug):
+      charge      the cgroup's charge;
+      drift       charge - size: the issue's measure;
+      boot_ram    boot RAM resident on the host (smaps of 'pc.ram');
+      device_ram  the device's memory resident on the host;
+      guest_drift boot_ram + device_ram - size: drift of guest memory;
+      vmm         the rest of the charge: QEMU's own memory;
+    and after touch, `untouched`: what the touch left out on purpose.
     """
     samples = []
     with guest_for(arm, 'footprint', mem, f'{max(4, 2 * n // GiB)}G') as g:
         g.run('memtouch 1', check=True)     # warm the tool's code paths
         base = g.charge()
-        base_total = g.mem_total()
+        base_rss = g.ram_rss()
         t0 = time.monotonic()
 
         def sample(cycle, step):
             size = g.qom_get('size')
+            rss = g.ram_rss()
             s = {'cycle': cycle, 'step': step, 't': time.monotonic() - t0,
                  'size': size, 'vmemmap_size': g.vmemmap_size(),
-                 'memtotal_gain': g.mem_total() - base_total,
-                 'charge': g.charge() - base}
+                 'memtotal_gain': g.mem_total() - g.boot_total,
+                 'charge': g.charge() - base,
+                 'boot_ram': rss['pc.ram'] - base_rss['pc.ram'],
+                 'device_ram': rss['mem0'] - base_rss['mem0']}
             s['drift'] = s['charge'] - size
+            s['guest_drift'] = s['boot_ram'] + s['device_ram'] - size
+            s['vmm'] = s['charge'] - s['boot_ram'] - s['device_ram']
             samples.append(s)
-            log(f'{arm} cycle {cycle} {step:>7}: size {size / MiB:7.1f} '
-                f'charge+ {s["charge"] / MiB:8.1f} drift {s["drift"] / MiB:+6.1f} MiB')
+            log(f'{arm} cycle {cycle} {step:>6}: size {size / MiB:6.0f} '
+                f'charge+ {s["charge"] / MiB:7.1f} drift '
+                f'{s["drift"] / MiB:+5.1f} = boot RAM {s["boot_ram"] / MiB:+5.1f}'
+                f' + device RAM - size {(s["device_ram"] - size) / MiB:+5.1f}'
+                f' + QEMU {s["vmm"] / MiB:+4.1f} MiB')
             return s
 
         sample(0, 'boot')
@@ -86,11 +102,11 @@ def footprint(arm, n=2 * GiB, cycles=3, mem='512M'):
             sample(c, 'plug')
             # Touch what was added, less what the page allocator keeps
             # free in ZONE_MOVABLE (its high watermark): touching that
-            # too spills into boot RAM, which then stays resident and
-            # would be charged to either arm as if it were drift.
-            gain = g.mem_total() - base_total - movable_high(g)
+            # too spills into boot RAM.
+            untouched = movable_high(g)
+            gain = g.mem_total() - g.boot_total - untouched
             g.run(f'memtouch {gain >> 20}', timeout=600, check=True)
-            sample(c, 'touch')
+            sample(c, 'touch')['untouched'] = untouched
             g.resize(0)
             sample(c, 'unplug')
         bad = g.bad_log_lines()
@@ -160,31 +176,47 @@ def capacity(arm, want=64 * GiB, mem='128M', quiet=20, timeout=1800):
 
 def timed_resize(g, requested, expect_total, timeout=600):
     """Seconds from qom-set until size == requested and MemTotal ==
-    expect_total, polled every 20 ms (no settling heuristics)."""
+    expect_total.  size is polled over QMP every 5 ms, which costs the
+    guest nothing; MemTotal, read by a command in the guest, only after
+    that, every 10 ms."""
     t0 = time.monotonic()
     g.qom_set('requested-size', requested)
     poll(lambda: g.qom_get('size') == requested, timeout,
-         f'size == {requested >> 20} MiB', interval=0.02)
+         f'size == {requested >> 20} MiB', interval=0.005, backoff=False)
     poll(lambda: g.mem_total() == expect_total, timeout,
-         f'MemTotal == {expect_total}', interval=0.02)
+         f'MemTotal == {expect_total}', interval=0.01, backoff=False)
     return time.monotonic() - t0
 
 
-def speed(arm, n=2 * GiB, reps=3, mem='512M'):
-    """Wall time from qom-set to settled size and MemTotal, plug and unplug."""
-    plug, unplug = [], []
-    with guest_for(arm, 'speed', mem, f'{max(4, 2 * n // GiB)}G') as g:
-        base_total = g.mem_total()
-        g.resize(n)                      # learn the settled MemTotal once
-        full_total = g.mem_total()
-        g.resize(0)
-        for _ in range(reps):
-            plug.append(timed_resize(g, n, full_total))
-            unplug.append(timed_resize(g, 0, base_total))
-        bad = g.bad_log_lines()
-    return {'n': n, 'plug_s': plug, 'unplug_s': unplug,
-            'plug_median': statistics.median(plug),
-            'unplug_median': statistics.median(unplug), 'log_errors': bad}
+def speed(n=2 * GiB, reps=3, mem='512M'):
+    """Wall time from qom-set to settled size and MemTotal, plug and unplug,
+    both arms in one run.  The two guests run side by side and take turns,
+    each round in the other order, so that whatever else the host does
+    falls on both alike.  Returns a result per arm."""
+    times = {arm: {'plug': [], 'unplug': []} for arm in ARMS}
+    with contextlib.ExitStack() as stack:
+        guests = {arm: stack.enter_context(
+            guest_for(arm, 'speed', mem, f'{max(4, 2 * n // GiB)}G'))
+            for arm in ARMS}
+        full = {}
+        for arm, g in guests.items():
+            g.resize(n)                  # learn the settled MemTotal once
+            full[arm] = g.mem_total()
+            g.resize(0)
+        for r in range(reps):
+            for arm in (list(ARMS) if r % 2 == 0 else list(ARMS)[::-1]):
+                g = guests[arm]
+                times[arm]['plug'].append(timed_resize(g, n, full[arm]))
+                times[arm]['unplug'].append(timed_resize(g, 0, g.boot_total))
+                log(f'speed {arm} round {r + 1}: plug '
+                    f'{times[arm]["plug"][-1]:.2f}s, unplug '
+                    f'{times[arm]["unplug"][-1]:.2f}s')
+        bad = {arm: g.bad_log_lines() for arm, g in guests.items()}
+    return {arm: {'n': n, 'plug_s': t['plug'], 'unplug_s': t['unplug'],
+                  'plug_median': statistics.median(t['plug']),
+                  'unplug_median': statistics.median(t['unplug']),
+                  'log_errors': bad[arm]}
+            for arm, t in times.items()}
 
 
 __all__ = ['ARMS', 'footprint', 'usable', 'capacity', 'speed', 'bound',

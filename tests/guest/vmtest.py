@@ -22,11 +22,14 @@ TOP = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))
 BUILD = os.path.join(TOP, 'build')
 GUEST = os.path.join(BUILD, 'guest')
 QEMU = os.path.join(BUILD, 'qemu-system-x86_64')
+STOCK_QEMU = os.path.join(BUILD, 'qemu-system-x86_64-stock')
 sys.path.insert(0, os.path.join(BUILD, 'qemu-src', 'python'))
 
 # pylint: disable=wrong-import-position
 from qemu.machine import QEMUMachine  # noqa: E402
 from qemu.qmp import ExecuteError  # noqa: E402
+
+SMAPS_VMA = re.compile(r'^([0-9a-f]+)-([0-9a-f]+) ')
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -46,8 +49,9 @@ def log(msg):
     print(f'  [{time.strftime("%H:%M:%S")}] {msg}', flush=True)
 
 
-def poll(fn, timeout, what, interval=0.05):
-    """Call fn() until it returns a true value or timeout seconds pass."""
+def poll(fn, timeout, what, interval=0.05, backoff=True):
+    """Call fn() until it returns a true value or timeout seconds pass.
+    The interval doubles up to 0.5 s unless backoff is False (timing)."""
     deadline = time.monotonic() + timeout
     while True:
         val = fn()
@@ -56,7 +60,8 @@ def poll(fn, timeout, what, interval=0.05):
         if time.monotonic() > deadline:
             raise HarnessError(f'timed out after {timeout}s waiting for {what}')
         time.sleep(interval)
-        interval = min(interval * 2, 0.5)
+        if backoff:
+            interval = min(interval * 2, 0.5)
 
 
 # --- host memory cgroup ------------------------------------------------
@@ -156,8 +161,10 @@ class Guest:
     def __init__(self, name, mem='512M', maxmem='64G', smp=2,
                  device=None, module='patched', modparams=None,
                  append='', online='online_movable', memmap_on_memory=None,
-                 cgroup=True, accel_=None, boot_timeout=120, extra_args=()):
+                 cgroup=True, accel_=None, boot_timeout=120, extra_args=(),
+                 qemu=QEMU):
         self.name = name
+        self.qemu = qemu
         self.mem = mem
         self.maxmem = maxmem
         self.smp = smp
@@ -233,7 +240,7 @@ class Guest:
                 '-chardev', f'socket,id=ctl,path={ctl_path},server=on,wait=off',
                 '-serial', 'chardev:ctl']
         args += self.device_args() + self.extra_args
-        self.vm = QEMUMachine(QEMU, args=args, wrapper=wrapper,
+        self.vm = QEMUMachine(self.qemu, args=args, wrapper=wrapper,
                               name=self.name, base_temp_dir=self.tmp,
                               log_dir=self.tmp)
         self.vm.launch()
@@ -354,6 +361,41 @@ class Guest:
 
     def charge(self):
         return self.cg.charge()
+
+    def ram_rss(self):
+        """Host-resident bytes of the guest's RAM, per RAMBlock: 'pc.ram'
+        (boot RAM) and 'mem0' (the virtio-mem device's memory, if any),
+        from the QEMU process's smaps.  The rest of the cgroup's charge is
+        QEMU's own memory."""
+        blocks = {}
+        out = self.vm.cmd('human-monitor-command', command_line='info ramblock')
+        for line in out.splitlines():
+            # name, page size (two words), offset, used, total, HVA, RO
+            f = line.split()
+            name = f[0].split('/')[-1] if f else ''
+            if len(f) == 8 and name in ('pc.ram', 'mem0'):
+                blocks[name] = (int(f[6], 16), int(f[5], 16))
+        if 'pc.ram' not in blocks:
+            raise HarnessError(f'no boot RAM in "info ramblock": {out}')
+        rss = {name: 0 for name in blocks}
+        covered = {name: 0 for name in blocks}
+        vma = None
+        with open(f'/proc/{self.vm.get_pid()}/smaps') as f:
+            for line in f:
+                m = SMAPS_VMA.match(line)
+                if m:
+                    start, end = int(m.group(1), 16), int(m.group(2), 16)
+                    vma = next((n for n, (hva, size) in blocks.items()
+                                if hva <= start and end <= hva + size), None)
+                    if vma:
+                        covered[vma] += end - start
+                elif vma and line.startswith('Rss:'):
+                    rss[vma] += int(line.split()[1]) * 1024
+        for name, (hva, size) in blocks.items():
+            if covered[name] != size:
+                raise HarnessError(f'RAMBlock {name} at {hva:#x}: smaps '
+                                   f'covers {covered[name]} of {size} bytes')
+        return rss
 
     def vmemmap_size(self):
         """The device's vmemmap-size; 0 where the binary lacks it."""
