@@ -83,24 +83,32 @@ def table(res):
         s, p = res['footprint']['stock'], res['footprint']['project']
         n = s['n']
 
-        def worst(r, step):
-            v = [x['drift'] for x in r['samples'] if x['step'] == step]
+        def worst(r, step, key):
+            v = [x[key] for x in r['samples'] if x['step'] == step]
             return max(v, key=abs) if v else 0
 
-        def last(r, step):
-            v = [x['drift'] for x in r['samples'] if x['step'] == step]
-            return v[-1] if v else 0
         for step in ('plug', 'touch', 'unplug'):
-            row(f'footprint {n >> 30} GiB: worst drift after {step} (MiB)',
-                worst(s, step), worst(p, step), rat=False)
-        row(f'footprint: drift after last unplug (MiB), bound {mib(sc.bound(n))}',
-            last(s, 'unplug'), last(p, 'unplug'), rat=False)
+            row(f'footprint {n >> 30} GiB: worst charge drift after {step} '
+                '(MiB)', worst(s, step, 'drift'), worst(p, step, 'drift'),
+                rat=False)
+        for step in ('plug', 'touch', 'unplug'):
+            row(f'footprint: worst boot RAM growth after {step} (MiB)',
+                worst(s, step, 'boot_ram'), worst(p, step, 'boot_ram'),
+                rat=False)
+        row(f'footprint: worst guest memory drift after unplug (MiB), bound '
+            f'{mib(sc.bound(n))}', worst(s, 'unplug', 'guest_drift'),
+            worst(p, 'unplug', 'guest_drift'), rat=False)
+        row('footprint: worst QEMU own-memory growth (MiB)',
+            max((x['vmm'] for x in s['samples']), key=abs),
+            max((x['vmm'] for x in p['samples']), key=abs), rat=False)
     if 'speed' in res:
         s, p = res['speed']['stock'], res['speed']['project']
-        row(f'speed: plug {s["n"] >> 30} GiB, median s', s['plug_median'],
-            p['plug_median'], fmt=lambda x: f'{x:.2f}')
-        row(f'speed: unplug {s["n"] >> 30} GiB, median s', s['unplug_median'],
-            p['unplug_median'], fmt=lambda x: f'{x:.2f}')
+        for op in ('plug', 'unplug'):
+            row(f'speed: {op} {s["n"] >> 30} GiB, median s '
+                f'({len(s[op + "_s"])} rounds)', s[op + '_median'],
+                p[op + '_median'], fmt=lambda x: f'{x:.3f}')
+            row(f'speed: {op}, min - max s', s[op + '_s'], p[op + '_s'],
+                fmt=lambda v: f'{min(v):.3f} - {max(v):.3f}', rat=False)
     return '\n'.join(lines) + '\n'
 
 
@@ -135,16 +143,20 @@ def plots(res, outdir):
         for arm, style in (('stock', 'r'), ('project', 'g')):
             smp = res['footprint'][arm]['samples']
             ax.plot(range(len(smp)), [x['drift'] / MiB for x in smp],
-                    style + 'o-', label=arm)
+                    style + 'o-', label=f'{arm}: charge - (baseline + size)')
+            ax.plot(range(len(smp)), [x['boot_ram'] / MiB for x in smp],
+                    style + 's:', label=f'{arm}: boot RAM growth')
         b = sc.bound(res['footprint']['stock']['n']) / MiB
         ax.axhspan(-b, b, color='g', alpha=0.1, label='target bound')
         ax.set_xticks(range(len(smp)))
         ax.set_xticklabels([f'{x["cycle"]}:{x["step"]}' for x in smp],
                            rotation=45, fontsize=7)
-        ax.set_ylabel('charge - (baseline + size), MiB')
-        ax.set_title('drift')
+        ax.set_ylabel('MiB')
+        ax.set_ylim(-10, None)
+        ax.set_title('drift (plug rows are below the axis: size not yet '
+                     'touched)', fontsize=9)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
         save(fig, 'drift.png')
     if 'capacity' in res:
         fig, ax = plt.subplots(figsize=(5, 3.5))

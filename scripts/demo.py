@@ -15,57 +15,45 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'tests',
                                 'guest'))
 # pylint: disable=wrong-import-position
-from vmtest import BUILD, GiB, MiB, Guest, log  # noqa: E402
+import scenarios as sc  # noqa: E402
+from vmtest import BUILD, GiB, MiB, log  # noqa: E402
 
 STEPS = [0, 1 * GiB, 2 * GiB, 512 * MiB, 2 * GiB, 0]
-
-
-def device_has(prop):
-    """Whether this build's virtio-mem-pci has property prop."""
-    import subprocess
-    out = subprocess.run([os.path.join(BUILD, 'qemu-system-x86_64'),
-                          '-device', 'virtio-mem-pci,help'],
-                         capture_output=True, text=True, check=False).stdout
-    return f' {prop}=' in out
 
 
 def main():
     outdir = os.path.join(BUILD, 'demo')
     os.makedirs(outdir, exist_ok=True)
-    accounting = device_has('vmemmap-accounting')
-    dev = {'size': '4G', 'block_size': '2M', 'requested': 0}
-    if accounting:
-        dev['vmemmap_accounting'] = True
-    log('booting a 512 MiB guest (patched virtio_mem, '
-        'memory_hotplug.memmap_on_memory=1'
-        + (', vmemmap-accounting=on' if accounting else '') + ')')
+    log('booting a 512 MiB guest: the fork with vmemmap-accounting=on, the '
+        'patched virtio_mem, memory_hotplug.memmap_on_memory=1')
     rows = []
-    with Guest('demo', mem='512M', maxmem='8G', device=dev, module='patched',
-               memmap_on_memory=True) as g:
+    with sc.guest_for('project', 'demo', '512M', '4G') as g:
         base_charge = g.charge()
-        base_total = g.mem_total()
-        hdr = (f'{"step":>4} {"requested":>10} {"size":>10} {"vmemmap":>8} '
-               f'{"MemTotal+":>10} {"charge+":>10} {"drift":>8}   (MiB)')
-        print(hdr)
+        base_boot = g.ram_rss()['pc.ram']
+        print(f'{"step":>4} {"requested":>10} {"size":>10} {"vmemmap":>8} '
+              f'{"MemTotal+":>10} {"charge+":>10} {"drift":>8} '
+              f'{"boot RAM+":>10}   (MiB)')
         for i, req in enumerate(STEPS):
             log(f'step {i}: requested-size {req >> 20} MiB')
             secs = g.resize(req)
             size = g.qom_get('size')
-            vmm = g.qom_get('vmemmap-size') if accounting else 0
-            gain = g.mem_total() - base_total
+            vmm = g.vmemmap_size()
+            gain = g.mem_total() - g.boot_total
             # Touch as much as was added: anonymous memory comes from
             # ZONE_MOVABLE first, i.e. from the plugged memory.
             if gain > 0:
+                log(f'step {i}: the guest touches {gain >> 20} MiB')
                 g.run(f'memtouch {gain >> 20}', timeout=300, check=True)
             charge = g.charge() - base_charge
+            boot = g.ram_rss()['pc.ram'] - base_boot
             drift = charge - size
             rows.append({'step': i, 'requested': req, 'size': size,
                          'vmemmap_size': vmm, 'memtotal_gain': gain,
                          'charge_over_baseline': charge, 'drift': drift,
-                         'seconds': secs})
+                         'boot_ram_growth': boot, 'seconds': secs})
             print(f'{i:>4} {req >> 20:>10} {size >> 20:>10} {vmm >> 20:>8} '
                   f'{gain / MiB:>10.1f} {charge / MiB:>10.1f} '
-                  f'{drift / MiB:>8.1f}', flush=True)
+                  f'{drift / MiB:>8.1f} {boot / MiB:>10.1f}', flush=True)
         bad = g.bad_log_lines()
     with open(os.path.join(outdir, 'steps.json'), 'w') as f:
         json.dump(rows, f, indent=1)
@@ -89,6 +77,8 @@ def plot(rows, path):
             label='host cgroup charge - baseline')
     ax.plot(x, [r['memtotal_gain'] / MiB for r in rows], '^-',
             label='guest MemTotal gain')
+    ax.plot(x, [r['boot_ram_growth'] / MiB for r in rows], 'v-',
+            label='boot RAM growth on the host')
     ax.set_xlabel('step')
     ax.set_ylabel('MiB')
     ax.set_title('virtio-mem footprint, demo guest')

@@ -485,6 +485,43 @@ static void test_migration(void)
     migrate_one("vmemmap-accounting=on,block-size=256M");
 }
 
+/*
+ * The feature next to the device's other options: plug, mark, unplug a
+ * marked block, mark again, and migrate, for each option turned on.
+ */
+static void test_upstream_options(void)
+{
+    static const char *const extra[] = {
+        "prealloc=on", "dynamic-memslots=on", "unplugged-inaccessible=on",
+        "x-early-migration=off",
+    };
+    size_t i;
+
+    for (i = 0; i < ARRAY_SIZE(extra); i++) {
+        g_autofree char *opts =
+            g_strdup_printf("vmemmap-accounting=on,block-size=2M,%s",
+                            extra[i]);
+        Dev *src = dev_start(opts, true);
+        QTestState *dst;
+
+        g_test_message("with %s", extra[i]);
+        set_requested(src, 64 * MiB);
+        g_assert_cmpint(plug(src, 0, 16 * MiB), ==, VIRTIO_MEM_RESP_ACK);
+        g_assert_cmpint(vmemmap(src, 0, 2 * MiB), ==, VIRTIO_MEM_RESP_ACK);
+        g_assert_cmpint(unplug(src, 0, 2 * MiB), ==, VIRTIO_MEM_RESP_ACK);
+        assert_reported(src, 14 * MiB, 0);
+        g_assert_cmpint(vmemmap(src, 2 * MiB, 2 * MiB), ==,
+                        VIRTIO_MEM_RESP_ACK);
+        assert_reported(src, 14 * MiB, 2 * MiB);
+
+        dst = migrate_to(src, opts, true);
+        g_assert_cmpuint(qom_get_u64(dst, "size"), ==, 14 * MiB);
+        g_assert_cmpuint(qom_get_u64(dst, "vmemmap-size"), ==, 2 * MiB);
+        qtest_quit(dst);
+        dev_stop(src);
+    }
+}
+
 /* A destination without the feature refuses state that needs it. */
 static void test_migration_to_off(void)
 {
@@ -860,6 +897,8 @@ int main(int argc, char **argv)
     qtest_add_func("/virtio-mem-vmemmap/migration", test_migration);
     qtest_add_func("/virtio-mem-vmemmap/migration-to-off",
                    test_migration_to_off);
+    qtest_add_func("/virtio-mem-vmemmap/upstream-options",
+                   test_upstream_options);
     qtest_add_func("/virtio-mem-vmemmap/compat/guest-view",
                    test_compat_guest_view);
     qtest_add_func("/virtio-mem-vmemmap/compat/stream", test_compat_stream);
