@@ -152,7 +152,10 @@ def plots(res, outdir):
         ax.set_xticklabels([f'{x["cycle"]}:{x["step"]}' for x in smp],
                            rotation=45, fontsize=7)
         ax.set_ylabel('MiB')
-        ax.set_ylim(-10, None)
+        top = max(max(x['drift'], x['boot_ram'])
+                  for a in ('stock', 'project')
+                  for x in res['footprint'][a]['samples'])
+        ax.set_ylim(-10, max(top, b) * 1.3)
         ax.set_title('drift (plug rows are below the axis: size not yet '
                      'touched)', fontsize=9)
         ax.grid(True, alpha=0.3)

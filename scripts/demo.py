@@ -39,11 +39,13 @@ def main():
             size = g.qom_get('size')
             vmm = g.vmemmap_size()
             gain = g.mem_total() - g.boot_total
-            # Touch as much as was added: anonymous memory comes from
-            # ZONE_MOVABLE first, i.e. from the plugged memory.
-            if gain > 0:
-                log(f'step {i}: the guest touches {gain >> 20} MiB')
-                g.run(f'memtouch {gain >> 20}', timeout=300, check=True)
+            # Touch what was added, as far as it goes without spilling into
+            # boot RAM: anonymous memory comes from ZONE_MOVABLE first,
+            # i.e. from the plugged memory.
+            touch = sc.movable_free(g)
+            if touch > 0:
+                log(f'step {i}: the guest touches {touch >> 20} MiB')
+                g.run(f'memtouch {touch >> 20}', timeout=300, check=True)
             charge = g.charge() - base_charge
             boot = g.ram_rss()['pc.ram'] - base_boot
             drift = charge - size

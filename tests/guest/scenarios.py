@@ -13,6 +13,7 @@ Each scenario runs one "arm":
 
 import contextlib
 import statistics
+import re
 import subprocess
 import time
 
@@ -100,24 +101,32 @@ def footprint(arm, n=2 * GiB, cycles=3, mem='512M'):
         for c in range(1, cycles + 1):
             g.resize(n)
             sample(c, 'plug')
-            # Touch what was added, less what the page allocator keeps
-            # free in ZONE_MOVABLE (its high watermark): touching that
-            # too spills into boot RAM.
-            untouched = movable_high(g)
-            gain = g.mem_total() - g.boot_total - untouched
-            g.run(f'memtouch {gain >> 20}', timeout=600, check=True)
-            sample(c, 'touch')['untouched'] = untouched
+            # Touch what was added, as far as it goes without spilling
+            # into boot RAM (see movable_free; memtouch itself stops where
+            # the allocator starts to take boot memory).
+            touch = movable_free(g)
+            _, out = g.run(f'memtouch {touch >> 20}', timeout=600,
+                           check=True)
+            log(f'{arm} cycle {c}: memtouch {touch >> 20}: {out.strip()}')
+            touched = int(re.match(r'touched (\d+) MiB', out).group(1)) * MiB
+            sample(c, 'touch')['untouched'] = \
+                g.mem_total() - g.boot_total - touched
             g.resize(0)
             sample(c, 'unplug')
         bad = g.bad_log_lines()
     return {'n': n, 'baseline_mem': mem, 'samples': samples, 'log_errors': bad}
 
 
-def movable_high(g):
-    """Bytes ZONE_MOVABLE keeps free: its high watermark (0 if none)."""
-    _, out = g.run("awk '/^Node .* zone +Movable/ {m=1} m && $1 == \"high\" "
-                   "{print $2; exit}' /proc/zoneinfo", check=True)
-    return int(out.strip() or 0) * 4096
+def movable_free(g):
+    """Bytes of ZONE_MOVABLE that can be touched without spilling into
+    boot RAM: its free pages less its high watermark, below which the
+    page allocator turns to the next zone.  Pages freed a moment ago may
+    still sit on per-CPU lists, which do not count as free."""
+    _, out = g.run("awk '/^Node .* zone +Movable/ {m=1; next} /^Node/ {m=0} "
+                   "m && $1 == \"pages\" && $2 == \"free\" {f=$3} "
+                   "m && $1 == \"high\" {h=$2} END {print f - h}' "
+                   "/proc/zoneinfo", check=True)
+    return max(0, int(out.strip() or 0)) * 4096
 
 
 def usable(arm, n=1 * GiB, mem='512M'):
