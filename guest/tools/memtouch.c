@@ -1,4 +1,4 @@
-/* SPDX-License-Identifier: GPL-2.0-or-later */
+// SPDX-License-Identifier: GPL-2.0-or-later
 /*
  * memtouch: make the guest's free memory resident on the host.
  *
@@ -6,11 +6,12 @@
  * amount is written, the guest's MemAvailable drops below a reserve,
  * ZONE_MOVABLE has no free 2 MiB block left, or the page allocator
  * started to take memory outside ZONE_MOVABLE (the free pages of the
- * other zones fell by 2 MiB), then deletes it and exits.  The pages the guest wrote stay populated on the host, which is
- * what the footprint tests measure.  The last rule matters with memory
- * onlined movable: near the zone's watermarks, or short of free 2 MiB
- * blocks, the allocator falls back to boot memory, and boot memory is
- * what the tests watch for a memmap.
+ * other zones fell by 2 MiB), then deletes it and exits.  The pages the
+ * guest wrote stay populated on the host, which is what the footprint
+ * tests measure.  The last two rules matter with memory onlined movable:
+ * near the zone's watermarks, or short of free 2 MiB blocks, the
+ * allocator falls back to boot memory, and boot memory is what the tests
+ * watch for a memmap.
  *
  * Why a file and not anonymous memory: shmem pages come from
  * ZONE_MOVABLE like anonymous ones, but written with write() they need
@@ -37,8 +38,8 @@
 
 #define CHUNK		(2UL << 20)
 #define RESERVE_KB	(24UL << 10)
-#define HUGE_ORDER	9	/* 2 MiB of 4 KiB pages */
-#define SPILL_PAGES	(1L << HUGE_ORDER)
+#define HUGE_ORDER	9
+#define SPILL_PAGES	512	/* 2 MiB of 4 KiB pages */
 
 static long meminfo_kb(const char *key)
 {
@@ -61,7 +62,7 @@ static long meminfo_kb(const char *key)
  * From /proc/buddyinfo: the free pages of every zone but Movable, and
  * how many free 2 MiB blocks Movable has.  Returns -1 on error.
  */
-static int buddyinfo(long *boot_free, long *movable_2m)
+static int read_buddyinfo(long *boot_free, long *movable_2m)
 {
 	char line[512], zone[32];
 	FILE *f = fopen("/proc/buddyinfo", "r");
@@ -124,7 +125,7 @@ int main(int argc, char **argv)
 		goto out_umount;
 	}
 	memset(buf, 0x5a, CHUNK);
-	if (buddyinfo(&boot_free, &movable_2m)) {
+	if (read_buddyinfo(&boot_free, &movable_2m)) {
 		fprintf(stderr, "memtouch: cannot read /proc/buddyinfo\n");
 		goto out_close;
 	}
@@ -136,7 +137,7 @@ int main(int argc, char **argv)
 			stop = "MemAvailable at the reserve";
 			break;
 		}
-		if (buddyinfo(&boot_now, &movable_2m)) {
+		if (read_buddyinfo(&boot_now, &movable_2m)) {
 			stop = "buddyinfo unreadable";
 			break;
 		}
@@ -165,11 +166,12 @@ int main(int argc, char **argv)
 	huge = meminfo_kb("ShmemHugePages") - huge;
 	pt = meminfo_kb("PageTables") - pt;
 	slab = meminfo_kb("Slab") - slab;
-	if (!buddyinfo(&boot_now, &movable_2m))
-		boot_free = boot_now - boot_free;
-	printf("touched %lu MiB (%s), huge %ld MiB, page tables %+ld kB, "
-	       "slab %+ld kB, boot zones' free %+ld kB\n", done >> 20, stop,
-	       huge >> 10, pt, slab, boot_free * 4);
+	boot_free = read_buddyinfo(&boot_now, &movable_2m) ? 0 :
+		    boot_now - boot_free;
+	printf("touched %lu MiB (%s), huge %ld MiB, ", done >> 20, stop,
+	       huge >> 10);
+	printf("page tables %+ld kB, slab %+ld kB, boot zones' free %+ld kB\n",
+	       pt, slab, boot_free * 4);
 	ret = 0;
 out_close:
 	close(fd);
