@@ -4,8 +4,9 @@
 The patched guest driver with memory_hotplug.memmap_on_memory=1 against the
 fork's device with vmemmap-accounting=on: SBM and BBM, movable and kernel
 zones, sizes that are not multiples of a memory block, cycles to zero,
-reboot in the middle of a resize, HVO, and the small-guest capacity
-against the stock module in the same run.
+reboot in the middle of a resize, HVO, memmap_on_memory turned off (module
+parameter and kernel switch), a device without the feature (stock QEMU),
+and the small-guest capacity against the stock module in the same run.
 
 Every settled state asserts: size == requested (or the documented
 -ENOSPC shortfall), vmemmap-size == 2 MiB per added 128 MiB block, guest
@@ -16,7 +17,8 @@ bytes == vmemmap-size, and a clean guest log.
 import time
 
 from scenarios import capacity, device_has, guest_for
-from vmtest import GiB, HarnessError, MiB, Tests, check, log, poll
+from vmtest import (STOCK_QEMU, GiB, Guest, HarnessError, MiB, Tests, check,
+                    log, poll)
 
 MB = 128 * MiB          # Linux memory block on x86-64
 VMEMMAP = 2 * MiB       # memmap of one memory block
@@ -181,6 +183,68 @@ def test_hvo():
         expect_state(g, base, 0)
 
 
+def plug_unplug(g, vmemmap, reported):
+    """Plug 1 GiB and unplug to 0 on a guest whose driver places
+    `vmemmap` bytes of memmap per memory block on the block, of which the
+    device hears about `reported` bytes per block."""
+    base = g.mem_total()
+    for size in (1 * GiB, 0):
+        g.qom_set('requested-size', size)
+        blocks = size // MB
+
+        def settled():
+            return (g.qom_get('size') == size and
+                    g.mem_total() - base == size - blocks * vmemmap and
+                    guest_vmemmap(g) == blocks * vmemmap and
+                    g.vmemmap_size() == blocks * reported)
+        try:
+            poll(settled, 60, f'{size >> 20} MiB settled', interval=0.2)
+        except HarnessError:
+            check(False, f'at {size >> 20} MiB: size {g.qom_get("size")}, '
+                  f'MemTotal gain {g.mem_total() - base}, guest memmap '
+                  f'{guest_vmemmap(g)}, device vmemmap-size '
+                  f'{g.vmemmap_size()}; expected memmap {vmemmap} and '
+                  f'reported {reported} bytes per block')
+    bad = g.bad_log_lines()
+    check(not bad, 'guest log: ' + '\n'.join(bad))
+
+
+def said_once(g, line):
+    n = g.console().count(line)
+    check(n == 1, f'guest log says "{line}" {n} times, not once')
+
+
+def test_memmap_off():
+    # The module parameter, then the kernel's own switch: the patched
+    # driver behaves as stock (memmap in boot memory, nothing reported)
+    # and says why, once.
+    for name, kw, why in (
+            ('param', {'modparams': {'memmap_on_memory': 0},
+                       'memmap_on_memory': True}, 'module parameter'),
+            ('kernel', {'memmap_on_memory': False},
+             'memory_hotplug.memmap_on_memory is off or unsupported')):
+        dev = {'size': '2G', 'block_size': '2M', 'vmemmap_accounting': True}
+        with Guest(f'drv-off-{name}', device=dev, **kw) as g:
+            plug_unplug(g, 0, 0)
+            said_once(g, f'memmap_on_memory: off ({why})')
+            log(f'memmap_on_memory off ({why}): 1 GiB plugged and '
+                'unplugged, no memmap on the blocks')
+
+
+def test_device_without_feature():
+    # Stock QEMU's device offers no VIRTIO_MEM_F_VMEMMAP: the driver
+    # still places the memmap on each block, just without reporting it.
+    dev = {'size': '2G', 'block_size': '2M'}
+    with Guest('drv-stock-device', device=dev, memmap_on_memory=True,
+               qemu=STOCK_QEMU) as g:
+        check(not device_has('vmemmap-accounting', STOCK_QEMU),
+              'the stock QEMU has vmemmap-accounting')
+        plug_unplug(g, VMEMMAP, 0)
+        said_once(g, f'memmap_on_memory: {VMEMMAP:#x} bytes per memory block')
+        log('stock device: 1 GiB plugged and unplugged, 16 MiB of memmap '
+            'on the blocks, none reported')
+
+
 def test_capacity():
     stock = capacity('stock', want=16 * GiB, mem='128M', quiet=15)
     proj = capacity('project', want=16 * GiB, mem='128M', quiet=15)
@@ -209,6 +273,10 @@ def main():
            test_enospc_never_overshoots)
     t.case('reboot in the middle of a resize', test_reboot_mid_resize)
     t.case('HVO: HugeTLB on self-hosted memmap, then unplug', test_hvo)
+    t.case('memmap_on_memory off: module parameter, kernel switch',
+           test_memmap_off)
+    t.case('device without the feature: memmap on the block, unreported',
+           test_device_without_feature)
     t.case('128 MiB guest plugs 16 GiB (stock measured beside it)',
            test_capacity)
     t.done()
