@@ -166,18 +166,32 @@ def test_reboot_mid_resize():
         expect_state(g, g.boot_total, 0)
 
 
+def memmap_pages(g):
+    """The kernel's count of memmap pages (/proc/vmstat nr_memmap_pages):
+    HVO lowers it by the vmemmap pages it frees."""
+    _, out = g.run("awk '$1 == \"nr_memmap_pages\" {print $2}' /proc/vmstat",
+                   check=True)
+    return int(out)
+
+
 def test_hvo():
     with guest_for('project', 'drv-hvo', '512M', '2G') as g:
         base = g.mem_total()
         g.run('echo 1 > /proc/sys/vm/hugetlb_optimize_vmemmap', check=True)
         g.resize(1 * GiB)
         expect_state(g, base, 1 * GiB)
-        # 2 MiB HugeTLB pages: boot RAM is mostly in use, so most come from
-        # the hot-added ZONE_MOVABLE memory, whose memmap is self-hosted.
+        # 2 MiB HugeTLB pages are movable: they come from the hot-added
+        # ZONE_MOVABLE memory, whose memmap is self-hosted, so HVO must
+        # leave every one of them alone (PageVmemmapSelfHosted).
+        before = memmap_pages(g)
         g.run('echo 256 > /proc/sys/vm/nr_hugepages', check=True)
         got = int(g.run('cat /proc/sys/vm/nr_hugepages', check=True)[1])
-        log(f'HVO: {got} HugeTLB pages allocated')
-        check(got >= 128, f'only {got} HugeTLB pages allocated')
+        after = memmap_pages(g)
+        log(f'HVO: {got} HugeTLB pages allocated, memmap pages {before} -> '
+            f'{after}')
+        check(got == 256, f'only {got} of 256 HugeTLB pages allocated')
+        check(after == before, f'HVO freed {before - after} memmap pages '
+              'of HugeTLB pages on self-hosted memmap')
         g.run('echo 0 > /proc/sys/vm/nr_hugepages', check=True)
         g.resize(0)
         expect_state(g, base, 0)
