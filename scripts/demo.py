@@ -40,12 +40,14 @@ def main():
             vmm = g.vmemmap_size()
             gain = g.mem_total() - g.boot_total
             # Touch what was added, as far as it goes without spilling into
-            # boot RAM: anonymous memory comes from ZONE_MOVABLE first,
-            # i.e. from the plugged memory.
+            # boot RAM: memtouch's shmem pages come from ZONE_MOVABLE, i.e.
+            # from the plugged memory, and it stops where they would not.
             touch = sc.movable_free(g)
             if touch > 0:
-                log(f'step {i}: the guest touches {touch >> 20} MiB')
-                g.run(f'memtouch {touch >> 20}', timeout=300, check=True)
+                log(f'step {i}: the guest touches up to {touch >> 20} MiB')
+                _, out = g.run(f'memtouch {touch >> 20}', timeout=300,
+                               check=True)
+                log(f'step {i}: {out.strip()}')
             charge = g.charge() - base_charge
             boot = g.ram_rss()['pc.ram'] - base_boot
             drift = charge - size
