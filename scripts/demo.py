@@ -39,15 +39,7 @@ def main():
             size = g.qom_get('size')
             vmm = g.vmemmap_size()
             gain = g.mem_total() - g.boot_total
-            # Touch what was added, as far as it goes without spilling into
-            # boot RAM: memtouch's shmem pages come from ZONE_MOVABLE, i.e.
-            # from the plugged memory, and it stops where they would not.
-            touch = sc.movable_free(g)
-            if touch > 0:
-                log(f'step {i}: the guest touches up to {touch >> 20} MiB')
-                _, out = g.run(f'memtouch {touch >> 20}', timeout=300,
-                               check=True)
-                log(f'step {i}: {out.strip()}')
+            sc.touch_plugged(g, f'step {i}', timeout=300)
             charge = g.charge() - base_charge
             boot = g.ram_rss()['pc.ram'] - base_boot
             drift = charge - size

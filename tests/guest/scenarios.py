@@ -101,14 +101,7 @@ def footprint(arm, n=2 * GiB, cycles=3, mem='512M'):
         for c in range(1, cycles + 1):
             g.resize(n)
             sample(c, 'plug')
-            # Touch what was added, as far as it goes without spilling
-            # into boot RAM (see movable_free; memtouch itself stops where
-            # the allocator starts to take boot memory).
-            touch = movable_free(g)
-            _, out = g.run(f'memtouch {touch >> 20}', timeout=600,
-                           check=True)
-            log(f'{arm} cycle {c}: memtouch {touch >> 20}: {out.strip()}')
-            touched = int(re.match(r'touched (\d+) MiB', out).group(1)) * MiB
+            touched = touch_plugged(g, f'{arm} cycle {c}')
             sample(c, 'touch')['untouched'] = \
                 g.mem_total() - g.boot_total - touched
             g.resize(0)
@@ -127,6 +120,19 @@ def movable_free(g):
                    "m && $1 == \"high\" {h=$2} END {print f - h}' "
                    "/proc/zoneinfo", check=True)
     return max(0, int(out.strip() or 0)) * 4096
+
+
+def touch_plugged(g, what, timeout=600):
+    """Have the guest touch what was plugged, as far as it goes without
+    spilling into boot RAM: up to movable_free(), and memtouch itself
+    stops where the allocator starts to take boot memory.  Logs memtouch's
+    account under `what`; returns the bytes it wrote."""
+    want = movable_free(g) >> 20
+    if not want:
+        return 0
+    _, out = g.run(f'memtouch {want}', timeout=timeout, check=True)
+    log(f'{what}: memtouch {want}: {out.strip()}')
+    return int(re.match(r'touched (\d+) MiB', out).group(1)) * MiB
 
 
 def usable(arm, n=1 * GiB, mem='512M'):
