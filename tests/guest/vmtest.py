@@ -244,11 +244,16 @@ class Guest:
                               name=self.name, base_temp_dir=self.tmp,
                               log_dir=self.tmp)
         self.vm.launch()
+        self.connect_ctl(ctl_path)
+        return self
+
+    def connect_ctl(self, path):
+        """Connect to the guest's command channel (ttyS1, a unix socket
+        the VMM listens on) and wait for init's READY line."""
         self.ctl = socket.socket(socket.AF_UNIX)
-        poll(lambda: self.ctl.connect_ex(ctl_path) == 0, 10, 'control socket')
+        poll(lambda: self.ctl.connect_ex(path) == 0, 10, 'control socket')
         self.ctl.settimeout(0.5)
         self.wait_ready(self.boot_timeout)
-        return self
 
     def wait_ready(self, timeout, what='guest boot'):
         """Wait for init's READY line; it carries MemTotal before the
