@@ -110,6 +110,16 @@ class Cgroup:
         with open(os.path.join(self.path, self.usage_file)) as f:
             return int(f.read())
 
+    def set_limit(self, limit):
+        """Cap the charge at `limit` bytes (None: no limit)."""
+        if self.version == 2:
+            name, value = 'memory.max', 'max' if limit is None else limit
+        else:
+            name, value = 'memory.limit_in_bytes', -1 if limit is None \
+                else limit
+        with open(os.path.join(self.path, name), 'w') as f:
+            f.write(f'{value}\n')
+
     def remove(self):
         with contextlib.suppress(OSError):
             os.rmdir(self.path)
@@ -162,7 +172,7 @@ class Guest:
                  device=None, module='patched', modparams=None,
                  append='', online='online_movable', memmap_on_memory=None,
                  cgroup=True, accel_=None, boot_timeout=120, extra_args=(),
-                 qemu=QEMU):
+                 qemu=QEMU, incoming=False):
         self.name = name
         self.qemu = qemu
         self.mem = mem
@@ -178,6 +188,9 @@ class Guest:
         self.accel = accel_
         self.boot_timeout = boot_timeout
         self.extra_args = list(extra_args)
+        # A migration destination: started paused with "-incoming defer",
+        # no boot to wait for (see incoming_for and migrate).
+        self.incoming = incoming
         self.vm = None
         self.cg = None
         self.tmp = None
@@ -240,20 +253,24 @@ class Guest:
                 '-chardev', f'socket,id=ctl,path={ctl_path},server=on,wait=off',
                 '-serial', 'chardev:ctl']
         args += self.device_args() + self.extra_args
+        if self.incoming:
+            args += ['-incoming', 'defer', '-S']
         self.vm = QEMUMachine(self.qemu, args=args, wrapper=wrapper,
                               name=self.name, base_temp_dir=self.tmp,
                               log_dir=self.tmp)
         self.vm.launch()
-        self.connect_ctl(ctl_path)
+        self.connect_ctl(ctl_path, ready=not self.incoming)
         return self
 
-    def connect_ctl(self, path):
+    def connect_ctl(self, path, ready=True):
         """Connect to the guest's command channel (ttyS1, a unix socket
-        the VMM listens on) and wait for init's READY line."""
+        the VMM listens on) and wait for init's READY line (not for a
+        migration destination, whose guest is already past it)."""
         self.ctl = socket.socket(socket.AF_UNIX)
         poll(lambda: self.ctl.connect_ex(path) == 0, 10, 'control socket')
         self.ctl.settimeout(0.5)
-        self.wait_ready(self.boot_timeout)
+        if ready:
+            self.wait_ready(self.boot_timeout)
 
     def wait_ready(self, timeout, what='guest boot'):
         """Wait for init's READY line; it carries MemTotal before the
@@ -337,6 +354,15 @@ class Guest:
 
     def mem_total(self):
         return self.meminfo()['MemTotal']
+
+    def qemu_log(self):
+        """What QEMU wrote to stdout and stderr so far."""
+        try:
+            with open(os.path.join(self.tmp, self.name + '.log'),
+                      errors='replace') as f:
+                return f.read()
+        except (OSError, TypeError):
+            return ''
 
     def console(self):
         try:
@@ -442,6 +468,312 @@ class Guest:
             raise HarnessError(f'guest MemTotal {last[0][0] >> 10} KiB never '
                                f'reached boot + size - vmemmap-size = '
                                f'{last[0][1] >> 10} KiB') from e
+
+
+# --- migration ---------------------------------------------------------
+
+def incoming_for(src, name, qemu=None, device=None):
+    """A migration destination for the running guest `src`, not started:
+    the same machine and guest kit on `qemu` (default: src's binary), with
+    `device` (default: src's) as its virtio-mem device.  It starts paused
+    with "-incoming defer"; enter it like any Guest, then call migrate()."""
+    return Guest(name, mem=src.mem, maxmem=src.maxmem, smp=src.smp,
+                 device=dict(src.device if device is None else device),
+                 module=src.module, modparams=src.modparams,
+                 append=src.append, online=src.online,
+                 memmap_on_memory=src.memmap_on_memory,
+                 cgroup=src.want_cgroup, accel_=src.accel,
+                 boot_timeout=src.boot_timeout, extra_args=src.extra_args,
+                 qemu=qemu or src.qemu, incoming=True)
+
+
+def migrate(src, dst, timeout=120, bandwidth=None):
+    """Live-migrate `src` to the started destination `dst` (see
+    incoming_for) over a unix socket and wait until both sides are done.
+
+    The destination keeps running when the load fails (exit-on-error off),
+    so its own error can be read.  Returns a dict: status and error (the
+    source's query-migrate), dst_status and dst_error (the destination's;
+    'exited' if it is gone), seconds (until the source finished) and
+    transferred (the most RAM bytes the source reported sending).  On
+    success dst takes over src's boot MemTotal; it stays paused (-S) so
+    that both sides can be compared before the guest moves on."""
+    sock = os.path.join(dst.tmp, 'migrate.sock')
+    dst.vm.cmd('migrate-incoming', uri=f'unix:{sock}',
+               **{'exit-on-error': False})
+    if bandwidth:
+        src.vm.cmd('migrate-set-parameters', **{'max-bandwidth': bandwidth})
+    seen = {'transferred': 0}
+    t0 = time.monotonic()
+    src.vm.cmd('migrate', uri=f'unix:{sock}')
+
+    def src_done():
+        info = src.vm.cmd('query-migrate')
+        seen['transferred'] = max(seen['transferred'],
+                                  info.get('ram', {}).get('transferred', 0))
+        seen['info'] = info
+        return info.get('status') in ('completed', 'failed', 'cancelled')
+    poll(src_done, timeout, 'the source to finish migrating', interval=0.02,
+         backoff=False)
+    info = seen['info']
+    res = {'status': info['status'], 'error': info.get('error-desc'),
+           'seconds': time.monotonic() - t0,
+           'transferred': seen['transferred'], 'dst_status': 'exited',
+           'dst_error': None}
+
+    def dst_done():
+        if not dst.vm.is_running():
+            return True
+        d = dst.vm.cmd('query-migrate')
+        res['dst_status'], res['dst_error'] = d.get('status'), \
+            d.get('error-desc')
+        return res['dst_status'] in ('completed', 'failed')
+    poll(dst_done, 30, 'the destination to finish loading')
+    if res['status'] == res['dst_status'] == 'completed':
+        dst.boot_total = src.boot_total
+    return res
+
+
+# --- device state and invariants ---------------------------------------
+
+_warned_fallback = []
+
+
+def device_state(g, dev='vm0'):
+    """The virtio-mem device's state: x-query-virtio-mem-state (size,
+    requested-size, vmemmap-size, block-size, region-size, plugged and
+    vmemmap runs, offsets relative to the device's region), plus 'memaddr'
+    (guest physical base, from query-memory-devices).  Where the binary
+    lacks the command (stock QEMU, an older fork) the same keys come from
+    query-memory-devices, with plugged and vmemmap None."""
+    md = next((d['data'] for d in g.vm.cmd('query-memory-devices')
+               if d['data'].get('id') == dev), None)
+    if md is None:
+        raise HarnessError(f'no memory device {dev!r}')
+    try:
+        st = g.vm.cmd('x-query-virtio-mem-state',
+                      **{'qom-path': f'/machine/peripheral/{dev}'})
+    except ExecuteError as e:
+        if e.error_class != 'CommandNotFound':
+            raise
+        if not _warned_fallback:
+            log('no x-query-virtio-mem-state in this QEMU: runs unchecked')
+            _warned_fallback.append(True)
+        st = {'size': md['size'], 'requested-size': md['requested-size'],
+              'vmemmap-size': md.get('vmemmap-size', 0),
+              'block-size': md['block-size'], 'region-size': md['max-size'],
+              'plugged': None, 'vmemmap': None}
+    st['memaddr'] = md['memaddr']
+    return st
+
+
+def _run_errors(runs, what, align, end):
+    """Sentences on what is wrong with a list of runs that must be
+    aligned, inside [0, end), sorted, disjoint and merged."""
+    errs = []
+    prev = None
+    for r in runs:
+        o, n = r['offset'], r['length']
+        if n <= 0 or o % align or n % align:
+            errs.append(f'{what} run {o:#x}+{n:#x} empty or not '
+                        f'{align:#x} aligned')
+        if o + n > end:
+            errs.append(f'{what} run {o:#x}+{n:#x} beyond {end:#x}')
+        if prev is not None and o <= prev:
+            errs.append(f'{what} run {o:#x}+{n:#x} '
+                        f'{"adjacent to" if o == prev else "before"} the '
+                        f'previous run ending at {prev:#x}')
+        prev = o + n
+    return errs
+
+
+def device_errors(st):
+    """What is wrong with a device state (see device_state) on its own,
+    as sentences: these hold at every instant, whatever the guest does."""
+    errs = []
+    size, vmm, bs = st['size'], st['vmemmap-size'], st['block-size']
+    end = st.get('usable-region-size', st['region-size'])
+    if size % bs or size > st['region-size']:
+        errs.append(f'size {size:#x} not a multiple of the block size '
+                    f'{bs:#x} or beyond the region')
+    if vmm > size or vmm % 4096:
+        errs.append(f'vmemmap-size {vmm:#x} beyond size {size:#x} or not '
+                    '4 KiB aligned')
+    plugged, marks = st.get('plugged'), st.get('vmemmap')
+    if plugged is not None:
+        errs += _run_errors(plugged, 'plugged', bs, end)
+        total = sum(r['length'] for r in plugged)
+        if total != size:
+            errs.append(f'plugged runs hold {total:#x} bytes, size says '
+                        f'{size:#x}')
+    if marks is not None:
+        errs += _run_errors(marks, 'vmemmap', 4096, end)
+        total = sum(r['length'] for r in marks)
+        if total != vmm:
+            errs.append(f'vmemmap runs hold {total:#x} bytes, vmemmap-size '
+                        f'says {vmm:#x}')
+        for r in marks if plugged is not None else ():
+            o, n = r['offset'], r['length']
+            if not any(p['offset'] <= o and o + n <= p['offset'] + p['length']
+                       for p in plugged):
+                errs.append(f'vmemmap run {o:#x}+{n:#x} not inside plugged '
+                            'memory')
+    return errs
+
+
+# One command for everything the guest says about its memory: memory
+# block size and states, MemTotal, the virtio-mem device's negotiated
+# features and driver, the patched driver's memmap bytes, iomem.
+GUEST_VIEW = (
+    'cd /sys/devices/system/memory && echo "bs $(cat block_size_bytes)" && '
+    'for d in memory*; do echo "mb ${d#memory} $(cat $d/state)"; done; '
+    'awk \'/^MemTotal:/ {print "memtotal", $2}\' /proc/meminfo; '
+    'for v in /sys/bus/virtio/devices/*; do '
+    '[ "$(cat $v/device)" = 0x0018 ] || continue; '
+    'echo "features $(cat $v/features)"; '
+    '[ -e $v/driver ] && echo "driver $(basename $(readlink $v/driver))"; '
+    'done; '
+    'p=/sys/module/virtio_mem/parameters/vmemmap_bytes; '
+    '[ -r $p ] && echo "vmemmap_bytes $(cat $p)"; '
+    'grep "System RAM (virtio_mem)" /proc/iomem | '
+    'sed "s/^ *\\([0-9a-f]*\\)-\\([0-9a-f]*\\) .*/iomem \\1 \\2/"; true')
+
+
+def guest_view(g):
+    """What the guest says about its memory (see GUEST_VIEW): block_size,
+    blocks {index: state}, memtotal, features (the bit string of the
+    virtio-mem device, None without one), driver (None if unbound),
+    vmemmap_bytes (None without the patched driver), iomem [(start,
+    end)]."""
+    out = g.run(GUEST_VIEW, check=True)[1]
+    v = {'blocks': {}, 'features': None, 'driver': None,
+         'vmemmap_bytes': None, 'iomem': []}
+    for line in out.splitlines():
+        f = line.split()
+        if not f:
+            continue
+        if f[0] == 'bs':
+            v['block_size'] = int(f[1], 16)
+        elif f[0] == 'mb' and len(f) == 3:
+            v['blocks'][int(f[1])] = f[2]
+        elif f[0] == 'memtotal':
+            v['memtotal'] = int(f[1]) * 1024
+        elif f[0] in ('features', 'driver'):
+            v[f[0]] = f[1]
+        elif f[0] == 'vmemmap_bytes':
+            v['vmemmap_bytes'] = int(f[1])
+        elif f[0] == 'iomem':
+            v['iomem'].append((int(f[1], 16), int(f[2], 16) + 1))
+    return v
+
+
+def _merge(ranges):
+    out = []
+    for s, e in sorted(ranges):
+        if out and s <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
+        else:
+            out.append((s, e))
+    return out
+
+
+def guest_errors(g, st, v, memmap=None):
+    """What the guest's view `v` (guest_view) contradicts in the device
+    state `st` (device_state), once the guest is at rest, as sentences.
+
+    memmap: bytes of plugged memory the guest uses as memmap.  Default:
+    what the patched driver says (vmemmap_bytes); with no driver bound,
+    vmemmap-size (the marks of the memory an unloaded driver left
+    behind); otherwise 0."""
+    errs = []
+    base, region = st['memaddr'], st['region-size']
+    mb = v['block_size']
+    present = {i: s for i, s in v['blocks'].items()
+               if base <= i * mb < base + region}
+    negotiated = v['features'] is not None and len(v['features']) > 3 and \
+        v['features'][3] == '1'
+    bound = v['driver'] is not None
+    if memmap is None:
+        memmap = v['vmemmap_bytes'] if v['vmemmap_bytes'] is not None \
+            else (0 if bound else st['vmemmap-size'])
+    gain = v['memtotal'] - g.boot_total
+    if gain != st['size'] - memmap:
+        errs.append(f'guest MemTotal gain {gain / MiB:g} MiB != size '
+                    f'{st["size"] / MiB:g} - memmap {memmap / MiB:g} MiB')
+    if bound and negotiated and st['vmemmap-size'] != memmap:
+        errs.append(f'feature negotiated, but vmemmap-size '
+                    f'{st["vmemmap-size"] / MiB:g} MiB != the guest\'s '
+                    f'memmap {memmap / MiB:g} MiB')
+    if bound and not negotiated and st['vmemmap-size']:
+        errs.append(f'driver without the feature, but vmemmap-size '
+                    f'{st["vmemmap-size"] / MiB:g} MiB')
+    offline = sorted(i for i, s in present.items() if s != 'online')
+    if offline:
+        errs.append(f'memory blocks {offline} of the device not online')
+    if st.get('plugged') is not None:
+        for r in st['plugged']:
+            first = (base + r['offset']) // mb
+            last = (base + r['offset'] + r['length'] - 1) // mb
+            missing = [i for i in range(first, last + 1) if i not in present]
+            if missing:
+                errs.append(f'plugged run {r["offset"]:#x}+{r["length"]:#x} '
+                            f'in memory blocks {missing} the guest did not '
+                            'add')
+        stray = [i for i in present if not any(
+            r['offset'] < (i + 1) * mb - base and
+            i * mb - base < r['offset'] + r['length'] for r in st['plugged'])]
+        if stray:
+            errs.append(f'guest holds memory blocks {sorted(stray)} with '
+                        'nothing plugged')
+    if st.get('vmemmap') is not None and present and memmap and negotiated:
+        per = memmap // len(present)
+        want = [{'offset': i * mb - base, 'length': per}
+                for i in sorted(present)]
+        if st['vmemmap'] != want:
+            errs.append(f'vmemmap runs {_fmt(st["vmemmap"])} != the first '
+                        f'{per:#x} bytes of each added block {_fmt(want)}')
+    added = _merge((i * mb, (i + 1) * mb) for i in present)
+    iomem = _merge(r for r in v['iomem'] if base <= r[0] < base + region)
+    if bound and iomem != added:
+        errs.append(f'/proc/iomem virtio_mem RAM {iomem} != added memory '
+                    f'blocks {added}')
+    return errs
+
+
+def _fmt(runs):
+    return '[' + ', '.join(f'{r["offset"]:#x}+{r["length"]:#x}'
+                           for r in runs) + ']'
+
+
+def check_invariants(g, dev='vm0', guest=True, memmap=None, timeout=60):
+    """Assert the device's invariants (device_errors) at once and, unless
+    guest is False (a paused guest), that the guest's own view agrees
+    (guest_errors), polling up to `timeout` seconds for the guest to come
+    to rest.  Returns the device state."""
+    last = [None, None]
+
+    def consistent():
+        st = device_state(g, dev)
+        errs = device_errors(st)
+        if errs:
+            raise AssertionError('device state: ' + '; '.join(errs))
+        last[0] = st
+        if not guest:
+            return True
+        last[1] = guest_errors(g, st, guest_view(g), memmap)
+        return not last[1]
+    try:
+        poll(consistent, timeout, 'the guest to agree with the device',
+             interval=0.2)
+    except HarnessError:
+        raise AssertionError('guest view: ' + '; '.join(last[1])) from None
+    st = last[0]
+    log(f'invariants hold: size {st["size"] / MiB:g} MiB, vmemmap-size '
+        f'{st["vmemmap-size"] / MiB:g} MiB'
+        + ('' if st.get('plugged') is None else
+           f', {len(st["plugged"])} plugged / {len(st["vmemmap"])} '
+           'vmemmap runs'))
+    return st
 
 
 def require_kit():
