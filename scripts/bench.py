@@ -5,7 +5,8 @@ Benchmark: every scenario of tests/guest/scenarios.py, stock and project
 arms, in one run on the same QEMU build.  Writes build/bench/results.json,
 build/bench/results.md and PNG plots.
 
-Usage: scripts/bench.py [--quick] [--only footprint,usable,capacity,speed]
+Usage: scripts/bench.py [--quick] [--only usable,footprint,speed,capacity,...]
+(--help lists the scenarios and what each one runs.)
 """
 
 import argparse
@@ -20,8 +21,18 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'tests',
 import scenarios as sc  # noqa: E402
 from vmtest import BUILD, GiB, MiB, log  # noqa: E402
 
-ALL = ('usable', 'footprint', 'speed', 'capacity')
-JOINT = ('speed',)      # scenarios that run both arms together
+ALL = ('usable', 'footprint', 'speed', 'capacity', 'scaling', 'margin')
+JOINT = ('speed', 'scaling')    # scenarios that run both arms together
+
+# Sizes and repetitions, full run and --quick.  Under TCG on 2 cores one
+# round of 256 GiB (plug and unplug, both arms) takes about 7 minutes and
+# a margin run at 64 GiB about 80 s; these keep `make bench` near 25
+# minutes.
+SCALING = {False: {'sizes': (4, 16, 64, 256), 'mem': '6G',
+                   'reps': {4: 3, 16: 3, 64: 2, 256: 1}},
+           True: {'sizes': (1, 4), 'mem': '2G', 'reps': {1: 2, 4: 2}}}
+MARGIN = {False: {'sizes': (4, 64), 'touch': 4, 'mem': '2G', 'trials': 3},
+          True: {'sizes': (1,), 'touch': 1, 'mem': '1G', 'trials': 2}}
 
 
 def run(args):
@@ -34,18 +45,31 @@ def run(args):
         'speed': lambda: sc.speed(n=(1 if quick else 4) * GiB,
                                   reps=3 if quick else 9),
         'capacity': lambda arm: sc.capacity(arm, want=(16 if quick else 64) * GiB),
+        'scaling': lambda: sc.scaling(
+            sizes=[x * GiB for x in SCALING[quick]['sizes']],
+            reps={k * GiB: v for k, v in SCALING[quick]['reps'].items()},
+            mem=SCALING[quick]['mem']),
+        'margin': lambda arm: {
+            str(n * GiB): sc.margin(arm, n * GiB,
+                                    touch=MARGIN[quick]['touch'] * GiB,
+                                    mem=MARGIN[quick]['mem'],
+                                    trials=MARGIN[quick]['trials'])
+            for n in MARGIN[quick]['sizes']},
     }
     results = {'started': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
                'quick': quick, 'kernel': open(f'{BUILD}/guest/kernel-release').read().strip()}
     for name in args.only:
+        t0 = time.monotonic()
         if name in JOINT:
             log(f'== {name}: {", ".join(sc.ARMS)} side by side')
             results[name] = plan[name]()
+            results.setdefault('seconds', {})[name] = time.monotonic() - t0
             continue
         results[name] = {}
         for arm in sc.ARMS:
             log(f'== {name}: {arm}')
             results[name][arm] = plan[name](arm)
+        results.setdefault('seconds', {})[name] = time.monotonic() - t0
     return results
 
 
@@ -54,6 +78,8 @@ def mib(x):
 
 
 def ratio(a, b):
+    if a is None or b is None:
+        return 'n/a'
     return f'{a / b:.3f}' if b else 'n/a'
 
 
@@ -109,7 +135,32 @@ def table(res):
                 p[op + '_median'], fmt=lambda x: f'{x:.3f}')
             row(f'speed: {op}, min - max s', s[op + '_s'], p[op + '_s'],
                 fmt=lambda v: f'{min(v):.3f} - {max(v):.3f}', rat=False)
+    if 'scaling' in res:
+        sca = res['scaling']
+        for op in ('plug', 'unplug'):
+            for n in sca['sizes']:
+                s, p = sca['stock'][str(n)], sca['project'][str(n)]
+                row(f'scaling ({sca["mem"]} guest): {op} {n >> 30} GiB, median'
+                    f' of {len(s[op + "_s"])} (s)', s[op + '_median'],
+                    p[op + '_median'], fmt=lambda x: f'{x:.2f}')
+    if 'margin' in res:
+        for n in res['margin']['stock']:
+            s, p = res['margin']['stock'][n], res['margin']['project'][n]
+            size = f'{int(n) >> 30} GiB'
+            row(f'margin {size}: smallest that survived (MiB)',
+                s['margin'], p['margin'], fmt=opt_mib)
+            row(f'margin {size}: largest that failed (MiB)', s['failed_at'],
+                p['failed_at'], fmt=opt_mib, rat=False)
+            row(f'margin {size}: peak over base + size without a limit '
+                '(MiB)', s['needed_unlimited'], p['needed_unlimited'])
+            row(f'margin {size}: runs (1 without a limit + trials)',
+                1 + len(s['trials']), 1 + len(p['trials']), fmt=str,
+                rat=False)
     return '\n'.join(lines) + '\n'
+
+
+def opt_mib(x):
+    return 'none' if x is None else mib(x)
 
 
 def plots(res, outdir):
@@ -139,28 +190,101 @@ def plots(res, outdir):
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
         save(fig, 'footprint.png')
-        fig, ax = plt.subplots(figsize=(8, 3.5))
+        # After a plug nothing is touched yet: drift is minus the plugged
+        # size there, so those steps are left out; the rest is on one
+        # MiB scale.
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        b = sc.bound(res['footprint']['stock']['n']) / MiB
+        ax.axhspan(-b, b, color='g', alpha=0.12,
+                   label=f'target bound: +/- {b:.1f} MiB')
+        ax.axhline(0, color='k', lw=0.8)
         for arm, style in (('stock', 'r'), ('project', 'g')):
-            smp = res['footprint'][arm]['samples']
+            smp = [x for x in res['footprint'][arm]['samples']
+                   if x['step'] != 'plug']
             ax.plot(range(len(smp)), [x['drift'] / MiB for x in smp],
                     style + 'o-', label=f'{arm}: charge - (baseline + size)')
             ax.plot(range(len(smp)), [x['boot_ram'] / MiB for x in smp],
                     style + 's:', label=f'{arm}: boot RAM growth')
-        b = sc.bound(res['footprint']['stock']['n']) / MiB
-        ax.axhspan(-b, b, color='g', alpha=0.1, label='target bound')
         ax.set_xticks(range(len(smp)))
-        ax.set_xticklabels([f'{x["cycle"]}:{x["step"]}' for x in smp],
-                           rotation=45, fontsize=7)
-        ax.set_ylabel('MiB')
-        top = max(max(x['drift'], x['boot_ram'])
-                  for a in ('stock', 'project')
-                  for x in res['footprint'][a]['samples'])
-        ax.set_ylim(-10, max(top, b) * 1.3)
-        ax.set_title('drift (plug rows are below the axis: size not yet '
-                     'touched)', fontsize=9)
+        ax.set_xticklabels([f'cycle {x["cycle"]}\n{x["step"]}' for x in smp],
+                           fontsize=8)
+        ax.set_xlabel('step (after each plug the drift is -size: not shown)')
+        ax.set_ylabel('MiB over baseline')
+        ax.set_title(f'host charge drift, {res["footprint"]["stock"]["n"] >> 30}'
+                     ' GiB plug / touch / unplug cycles')
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=8)
         save(fig, 'drift.png')
+    if 'scaling' in res:
+        sca = res['scaling']
+        sizes = [n / GiB for n in sca['sizes']]
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.5),
+                                      gridspec_kw={'width_ratios': [3, 2]})
+        for arm, color in (('stock', 'r'), ('project', 'g')):
+            for op, style in (('plug', 'o-'), ('unplug', 's--')):
+                med = [sca[arm][str(n)][op + '_median'] for n in sca['sizes']]
+                ax.plot(sizes, med, color + style, label=f'{arm}: {op}')
+                for n, x in zip(sizes, sca['sizes']):
+                    pts = sca[arm][str(x)][op + '_s']
+                    ax.plot([n] * len(pts), pts, color + '.', alpha=0.4)
+        ax.set_xscale('log', base=2)
+        ax.set_yscale('log')
+        ax.set_xticks(sizes)
+        ax.set_xticklabels([f'{n:g}' for n in sizes])
+        ax.set_xlabel('GiB plugged, then unplugged')
+        ax.set_ylabel('seconds (median line, dots: each round)')
+        ax.set_title(f'resize time, {sca["mem"]} guest')
+        ax.grid(True, which='both', alpha=0.3)
+        ax.legend(fontsize=8)
+        for op, style in (('plug', 'bo-'), ('unplug', 'ms--')):
+            rat = [sca['project'][str(n)][op + '_median'] /
+                   sca['stock'][str(n)][op + '_median'] for n in sca['sizes']]
+            ax2.plot(sizes, rat, style, label=op)
+            for n, v in zip(sizes, rat):
+                ax2.annotate(f'{v:.2f}', (n, v), textcoords='offset points',
+                             xytext=(0, 6), ha='center', fontsize=8)
+        ax2.axhline(1.0, color='k', lw=1, ls=':', label='target: at most 1.0')
+        ax2.set_xscale('log', base=2)
+        ax2.set_xticks(sizes)
+        ax2.set_xticklabels([f'{n:g}' for n in sizes])
+        ax2.set_xlabel('GiB')
+        ax2.set_ylabel('project / stock (median time)')
+        ax2.set_title('ratio')
+        ax2.grid(True, alpha=0.3)
+        ax2.legend(fontsize=8)
+        save(fig, 'scaling.png')
+    if 'margin' in res:
+        mar = res['margin']
+        keys = list(mar['stock'])
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        width = 0.38
+        for j, (arm, color) in enumerate((('stock', 'r'), ('project', 'g'))):
+            xs = [i + (j - 0.5) * width for i in range(len(keys))]
+            vals = [(mar[arm][k]['margin'] or 0) / MiB for k in keys]
+            ax.bar(xs, vals, width, color=color, alpha=0.8,
+                   label=f'{arm}: smallest margin that survived')
+            fails = [mar[arm][k]['failed_at'] for k in keys]
+            ax.plot([x for x, f in zip(xs, fails) if f is not None],
+                    [max(f / MiB, 0.5) for f in fails if f is not None],
+                    'kx', ms=9, label='largest margin that failed'
+                    if j == 0 else None)
+            for x, v in zip(xs, vals):
+                ax.annotate(f'{v:.0f} MiB', (x, max(v, 0.5)), ha='center',
+                            va='bottom', fontsize=9)
+        memmap = [int(k) / 64 / MiB for k in keys]
+        ax.hlines(memmap, [i - 0.45 for i in range(len(keys))],
+                  [i + 0.45 for i in range(len(keys))], colors='k',
+                  linestyles='--', label='memmap of the whole device (1/64)')
+        ax.set_yscale('log')
+        ax.set_ylim(top=ax.get_ylim()[1] * 4)
+        ax.set_xticks(range(len(keys)))
+        ax.set_xticklabels([f'{int(k) >> 30} GiB device' for k in keys])
+        ax.set_ylabel('MiB above base + max(size, requested)')
+        ax.set_title('cgroup margin a VM needs to grow, touch and shrink '
+                     'without OOM or reclaim')
+        ax.grid(True, axis='y', which='both', alpha=0.3)
+        ax.legend(fontsize=8, loc='upper left')
+        save(fig, 'margin.png')
     if 'capacity' in res:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         arms = ['stock', 'project']
@@ -201,9 +325,21 @@ def main():
     print(md)
     log(f'wrote {outdir}/results.json, results.md, '
         + ', '.join(os.path.basename(x) for x in files))
-    errors = [(s, a) for s in args.only for a in sc.ARMS
-              if a == 'project' and res[s][a].get('log_errors')]
+    errors = [s for s in args.only if log_errors(res[s]['project'])]
+    if errors:
+        log('guest log errors in the project arm: ' + ', '.join(errors))
     return 1 if errors else 0
+
+
+def log_errors(r):
+    """The guest log errors in one arm's result, however nested."""
+    if isinstance(r, dict):
+        return list(r.get('log_errors') or []) + [
+            e for k, v in r.items() if k != 'log_errors'
+            for e in log_errors(v)]
+    if isinstance(r, list):
+        return [e for v in r for e in log_errors(v)]
+    return []
 
 
 if __name__ == '__main__':

@@ -12,6 +12,8 @@ Each scenario runs one "arm":
 """
 
 import contextlib
+import math
+import os
 import statistics
 import re
 import subprocess
@@ -40,7 +42,7 @@ def device_has(prop, qemu=QEMU):
 
 
 def guest_for(arm, name, mem, device_size, online='online_movable',
-              reserve=True, modparams=None, maxmem=None):
+              reserve=True, modparams=None, maxmem=None, extra_args=()):
     a = ARMS[arm]
     dev = {'size': device_size, 'block_size': '2M', 'requested': 0,
            'reserve': reserve}
@@ -49,7 +51,7 @@ def guest_for(arm, name, mem, device_size, online='online_movable',
     return Guest(f'{name}-{arm}', mem=mem, maxmem=maxmem or '80G',
                  device=dev, module=a['module'], online=online,
                  memmap_on_memory=a['memmap_on_memory'],
-                 modparams=modparams, qemu=a['qemu'])
+                 modparams=modparams, qemu=a['qemu'], extra_args=extra_args)
 
 
 def bound(n):
@@ -189,6 +191,15 @@ def capacity(arm, want=64 * GiB, mem='128M', quiet=20, timeout=1800):
     return r
 
 
+def memtotal_after(arm, g, n):
+    """The guest's MemTotal once n bytes are plugged and online: stock
+    gains all of it, the project all but the memmap at the start of each
+    128 MiB memory block (2 MiB)."""
+    memmap = n // (128 * MiB) * 2 * MiB if ARMS[arm]['memmap_on_memory'] \
+        else 0
+    return g.boot_total + n - memmap
+
+
 def timed_resize(g, requested, expect_total, timeout=600):
     """Seconds from qom-set until size == requested and MemTotal ==
     expect_total.  size is polled over QMP every 5 ms, which costs the
@@ -234,5 +245,260 @@ def speed(n=2 * GiB, reps=3, mem='512M'):
             for arm, t in times.items()}
 
 
+def scaling(sizes=(4 * GiB, 16 * GiB), reps=None, mem='6G', timeout=1800):
+    """Plug and unplug time against size, both arms in guests of the same
+    size (mem), side by side and taking turns as in speed(): each size in
+    round r runs stock first when r + its index is even, else project.
+    One guest per arm serves all sizes (its device is the largest one).
+    reps maps a size to its number of rounds (default 3).  Returns
+    {'sizes': [...], arm: {size: {'plug_s': [...], 'unplug_s': [...]}}}
+    with sizes as strings of bytes (JSON keys)."""
+    reps = reps or {}
+    top = max(sizes)
+    times = {arm: {str(n): {'plug_s': [], 'unplug_s': []} for n in sizes}
+             for arm in ARMS}
+    with contextlib.ExitStack() as stack:
+        guests = {}
+        for arm in ARMS:
+            t0 = time.monotonic()
+            guests[arm] = stack.enter_context(guest_for(
+                arm, 'scaling', mem, f'{top // GiB}G', reserve=False,
+                maxmem=f'{top // GiB + 16}G'))
+            log(f'scaling {arm}: booted in {time.monotonic() - t0:.1f}s')
+        rounds = max(reps.get(n, 3) for n in sizes)
+        for r in range(rounds):
+            for i, n in enumerate(sizes):
+                if r >= reps.get(n, 3):
+                    continue
+                order = list(ARMS) if (r + i) % 2 == 0 else list(ARMS)[::-1]
+                for arm in order:
+                    g, t = guests[arm], times[arm][str(n)]
+                    t['plug_s'].append(timed_resize(
+                        g, n, memtotal_after(arm, g, n), timeout))
+                    t['unplug_s'].append(timed_resize(
+                        g, 0, g.boot_total, timeout))
+                    log(f'scaling {arm} {n >> 30} GiB round {r + 1}: plug '
+                        f'{t["plug_s"][-1]:.2f}s, unplug '
+                        f'{t["unplug_s"][-1]:.2f}s')
+        bad = {arm: g.bad_log_lines() for arm, g in guests.items()}
+    res = {'sizes': list(sizes), 'mem': mem}
+    for arm in ARMS:
+        res[arm] = {'log_errors': bad[arm]}
+        for n in sizes:
+            t = times[arm][str(n)]
+            res[arm][str(n)] = dict(t, plug_median=statistics.median(
+                t['plug_s']), unplug_median=statistics.median(t['unplug_s']))
+    return res
+
+
+# --- cgroup limits, for the margin benchmark --------------------------
+
+class Limit:
+    """The memory limit of a guest's cgroup, and the kernel's record of
+    what happened under it: v2 memory.max, memory.events (max, oom_kill)
+    and memory.peak; v1 memory.limit_in_bytes, memory.failcnt,
+    memory.oom_control (oom_kill) and memory.max_usage_in_bytes."""
+
+    def __init__(self, g):
+        self.cg = g.cg
+        self.v2 = g.cg.version == 2
+        self._peak_fd = None
+
+    def _path(self, name):
+        return os.path.join(self.cg.path, name)
+
+    def _read(self, name):
+        with open(self._path(name)) as f:
+            return f.read()
+
+    def _keyed(self, name, key):
+        for line in self._read(name).splitlines():
+            k, _, v = line.partition(' ')
+            if k == key:
+                return int(v)
+        return 0
+
+    def set(self, nbytes):
+        """Set the limit (None: none).  Returns None, or why the kernel
+        refused (v1 refuses to go below the current charge)."""
+        if nbytes is None:
+            val = 'max' if self.v2 else '-1'
+        else:
+            val = str(max(0, int(nbytes)) // 4096 * 4096)
+        try:
+            with open(self._path('memory.max' if self.v2 else
+                                 'memory.limit_in_bytes'), 'w') as f:
+                f.write(val)
+        except OSError as e:
+            return f'limit {val} refused: {e.strerror}'
+        return None
+
+    def hits(self):
+        """How many times the charge ran into the limit (reclaim)."""
+        if self.v2:
+            return self._keyed('memory.events', 'max')
+        return int(self._read('memory.failcnt'))
+
+    def oom_kills(self):
+        return self._keyed('memory.events' if self.v2 else
+                           'memory.oom_control', 'oom_kill')
+
+    def reset_peak(self):
+        """Start a new peak; peak() is the highest charge since."""
+        if not self.v2:
+            with open(self._path('memory.max_usage_in_bytes'), 'w') as f:
+                f.write('0')
+            return
+        # v2 (6.12+): a write resets the peak seen through this fd.
+        if self._peak_fd is None:
+            self._peak_fd = os.open(self._path('memory.peak'), os.O_RDWR)
+        os.write(self._peak_fd, b'reset\n')
+
+    def peak(self):
+        if not self.v2:
+            return int(self._read('memory.max_usage_in_bytes'))
+        os.lseek(self._peak_fd, 0, os.SEEK_SET)
+        return int(os.read(self._peak_fd, 64))
+
+    def close(self):
+        if self._peak_fd is not None:
+            os.close(self._peak_fd)
+            self._peak_fd = None
+
+
+def margin_run(arm, n, touch, mem, margin=None, ref=None, timeout=900):
+    """One grow/touch/shrink run in a fresh guest, under the limit a
+    resize-aware tool keeps: base + max(size, requested) + margin, raised
+    before the grow and lowered only once the shrink settled.  base is
+    the charge after boot, before any plug.
+
+    The guest touches `touch` bytes of what it gained (the host cannot
+    hold 64 GiB for it).  The limit leaves out what the guest leaves
+    untouched on purpose (its MemTotal gain less `touch`), so the run
+    needs the margin a guest that used all its memory would need.
+
+    margin None: no limit; measures per phase the peak charge over
+    base + max(size, requested) [- untouched], the margin that run
+    needed.  Else the run survives if QEMU is never OOM-killed, the
+    charge never runs into the limit (no reclaim), every limit write is
+    accepted, and no step takes longer than 2x its time in `ref` + 20 s.
+    """
+    r = {'arm': arm, 'n': n, 'margin': margin, 'need': {}, 'secs': {},
+         'survived': True, 'why': ''}
+    phase_limit = {}
+    g = guest_for(arm, 'margin', mem, f'{max(4, n // GiB)}G', reserve=False,
+                  maxmem=f'{n // GiB + 8}G')
+    with g:
+        g.run('memtouch 1', check=True)     # warm the tool's code paths
+        lim = Limit(g)
+        base = g.charge()
+        oom0, hits0 = lim.oom_kills(), lim.hits()
+        r['base'] = base
+
+        def phase(name, formula, step):
+            """Run step under base + formula + margin; record the peak
+            over base + formula and the step's seconds."""
+            phase_limit[name] = base + formula
+            if margin is not None:
+                why = lim.set(base + formula + margin)
+                if why:
+                    raise HarnessError(f'{name}: {why}')
+            lim.reset_peak()
+            t0 = time.monotonic()
+            step()
+            r['secs'][name] = time.monotonic() - t0
+            r['need'][name] = lim.peak() - phase_limit[name]
+            bound = (2 * ref['secs'][name] + 20) if ref else None
+            if bound and r['secs'][name] > bound:
+                raise HarnessError(f'{name} took {r["secs"][name]:.1f}s, '
+                                   f'bound {bound:.1f}s (reclaim stall)')
+
+        def do_touch():
+            _, out = g.run(f'memtouch {r["touch_target"] >> 20}',
+                           timeout=timeout, check=True)
+            r['touched'] = int(re.match(r'touched (\d+) MiB',
+                                        out).group(1)) * MiB
+
+        # Whatever fails once a limit is set (QEMU killed, QMP or the
+        # control channel lost, a step too slow) fails the run, quietly.
+        try:
+            phase('grow', n, lambda: g.resize(n, timeout=timeout))
+            gain = g.mem_total() - g.boot_total
+            r['gain'] = gain
+            r['touch_target'] = min(touch, movable_free(g)) // MiB * MiB
+            untouched = gain - r['touch_target']
+            phase('touch', n - untouched, do_touch)
+            phase('shrink', n - untouched,
+                  lambda: g.resize(0, timeout=timeout))
+            # A few seconds at rest under the lowered limit; each read
+            # of MemTotal is a guest command: the guest keeps working.
+            phase('rest', 0, lambda: [g.mem_total() for _ in range(20)])
+            r['hits'] = lim.hits() - hits0
+            if margin is not None and r['hits']:
+                raise HarnessError(f'the charge ran into the limit '
+                                   f'{r["hits"]} time(s): reclaim')
+        except Exception as e:  # pylint: disable=broad-except
+            if margin is None:
+                raise
+            r['survived'] = False
+            r['why'] = f'{type(e).__name__}: {str(e).splitlines()[0]}'
+        with contextlib.suppress(OSError):
+            r['oom_kills'] = lim.oom_kills() - oom0
+            r['hits'] = lim.hits() - hits0
+        if r.get('oom_kills'):
+            r['survived'] = False
+            r['why'] = f'{r["oom_kills"]} OOM kill(s); ' + r['why']
+        lim.close()
+        r['log_errors'] = g.bad_log_lines() if r['survived'] else []
+    r['phase_limit'] = {k: v - r.get('base', 0) for k, v in phase_limit.items()}
+    r['needed'] = max(r['need'].values()) if r['need'] else None
+    return r
+
+
+def margin(arm, n, touch, mem='2G', trials=3, resolution=2 * MiB):
+    """The smallest margin (limit = base + max(size, requested) + margin)
+    under which a fresh guest survives margin_run(): one run without a
+    limit measures what it needed; then at most `trials` runs bisect,
+    starting just above and just below that figure, until the bracket
+    is within `resolution`."""
+    ref = margin_run(arm, n, touch, mem)
+    if not ref['survived']:
+        raise HarnessError(f'{arm} {n >> 30} GiB without a limit: '
+                           f'{ref["why"]}')
+    need = max(0, ref['needed'])
+    log(f'margin {arm} {n >> 30} GiB: without a limit it needed '
+        f'{need / MiB:.1f} MiB (' + ', '.join(
+            f'{k} {v / MiB:+.1f}' for k, v in ref['need'].items()) + ')')
+    step = max(resolution, need // 8)
+    lo, hi = None, None      # largest failing, smallest surviving margin
+    runs = []
+    for i in range(trials):
+        if hi is None:
+            m = need + step if lo is None else 2 * lo + step
+        elif lo is None:
+            if hi == 0:
+                break
+            m = max(0, min(need, hi) - step)
+        elif hi - lo > resolution:
+            m = (lo + hi) // 2
+        else:
+            break
+        m = int(math.ceil(m / MiB)) * MiB
+        if m in (lo, hi):
+            break
+        run = margin_run(arm, n, touch, mem, margin=m, ref=ref)
+        runs.append(run)
+        log(f'margin {arm} {n >> 30} GiB trial {i + 1}: {m >> 20} MiB: '
+            + ('survived' if run['survived'] else f'failed ({run["why"]})'))
+        if run['survived']:
+            hi = m if hi is None else min(hi, m)
+        else:
+            lo = m if lo is None else max(lo, m)
+    return {'n': n, 'touch': touch, 'mem': mem, 'reference': ref,
+            'trials': runs, 'margin': hi, 'failed_at': lo,
+            'needed_unlimited': need}
+
+
 __all__ = ['ARMS', 'footprint', 'usable', 'capacity', 'speed', 'bound',
+           'scaling', 'margin', 'margin_run', 'Limit', 'memtotal_after',
            'device_has', 'HarnessError', 'GiB', 'MiB']
