@@ -1,0 +1,293 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+/*
+ * A minimal QMP client for vmem-limit.
+ *
+ * One connection, one command at a time.  QEMU may send events between a
+ * command and its reply; they are queued for the caller instead of being
+ * dropped, because the follow mode lives on them.
+ */
+#include <errno.h>
+#include <poll.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "vmem-limit.h"
+#include "qmp.h"
+
+/* A command QEMU does not answer within this time counts as lost. */
+#define QMP_REPLY_TIMEOUT_MS 30000
+
+struct Qmp {
+    int fd;
+    char *path;
+    GString *buf;
+    GQueue events;
+};
+
+static gboolean qmp_lost(Qmp *q, const char *why, GError **errp)
+{
+    g_set_error(errp, VMEM_LIMIT_ERROR, VMEM_EXIT_LOST,
+                "QMP socket %s: %s; is QEMU still running?", q->path, why);
+    return FALSE;
+}
+
+/*
+ * Reads more bytes into the buffer, waiting at most timeout_ms.
+ * Returns 1 on data, 0 on timeout, -1 (error set) on EOF or error.
+ */
+static int qmp_fill(Qmp *q, int timeout_ms, GError **errp)
+{
+    struct pollfd pfd = { .fd = q->fd, .events = POLLIN };
+    char chunk[65536];
+    ssize_t n;
+    int r;
+
+    do {
+        r = poll(&pfd, 1, timeout_ms);
+    } while (r < 0 && errno == EINTR);
+    if (r < 0) {
+        qmp_lost(q, g_strerror(errno), errp);
+        return -1;
+    }
+    if (r == 0) {
+        return 0;
+    }
+    do {
+        n = read(q->fd, chunk, sizeof(chunk));
+    } while (n < 0 && errno == EINTR);
+    if (n < 0) {
+        qmp_lost(q, g_strerror(errno), errp);
+        return -1;
+    }
+    if (n == 0) {
+        qmp_lost(q, "connection closed", errp);
+        return -1;
+    }
+    g_string_append_len(q->buf, chunk, n);
+    return 1;
+}
+
+/* The next complete message in the buffer, or NULL. */
+static JsonObject *qmp_next_message(Qmp *q, GError **errp)
+{
+    char *nl;
+    g_autofree char *line = NULL;
+    g_autoptr(JsonNode) node = NULL;
+    g_autoptr(GError) err = NULL;
+
+    while ((nl = memchr(q->buf->str, '\n', q->buf->len))) {
+        line = g_strndup(q->buf->str, nl - q->buf->str);
+        g_string_erase(q->buf, 0, nl - q->buf->str + 1);
+        g_strstrip(line);
+        if (*line) {
+            break;
+        }
+        g_clear_pointer(&line, g_free);
+    }
+    if (!line) {
+        return NULL;
+    }
+    node = json_from_string(line, &err);
+    if (!node || !JSON_NODE_HOLDS_OBJECT(node)) {
+        g_set_error(errp, VMEM_LIMIT_ERROR, VMEM_EXIT_LOST,
+                    "QMP socket %s: not a QMP message: %.80s", q->path, line);
+        return NULL;
+    }
+    return json_object_ref(json_node_get_object(node));
+}
+
+static gboolean qmp_write(Qmp *q, const char *text, GError **errp)
+{
+    size_t len = strlen(text), done = 0;
+
+    while (done < len) {
+        ssize_t n = send(q->fd, text + done, len - done, MSG_NOSIGNAL);
+
+        if (n < 0 && errno == EINTR) {
+            continue;
+        }
+        if (n < 0) {
+            return qmp_lost(q, g_strerror(errno), errp);
+        }
+        done += n;
+    }
+    return TRUE;
+}
+
+JsonNode *qmp_call(Qmp *q, const char *cmd, JsonObject *args,
+                   char **class, gboolean *sent, GError **errp)
+{
+    g_autoptr(JsonBuilder) b = json_builder_new();
+    g_autoptr(JsonNode) root = NULL;
+    g_autofree char *text = NULL;
+    gint64 deadline = g_get_monotonic_time() +
+                      QMP_REPLY_TIMEOUT_MS * (gint64)1000;
+
+    if (sent) {
+        *sent = FALSE;
+    }
+    json_builder_begin_object(b);
+    json_builder_set_member_name(b, "execute");
+    json_builder_add_string_value(b, cmd);
+    if (args) {
+        JsonNode *a = json_node_new(JSON_NODE_OBJECT);
+
+        json_node_take_object(a, args);
+        json_builder_set_member_name(b, "arguments");
+        json_builder_add_value(b, a);
+    }
+    json_builder_end_object(b);
+    root = json_builder_get_root(b);
+    text = json_to_string(root, FALSE);
+    if (!qmp_write(q, text, errp) || !qmp_write(q, "\n", errp)) {
+        return NULL;
+    }
+    if (sent) {
+        *sent = TRUE;
+    }
+
+    for (;;) {
+        g_autoptr(JsonObject) msg = NULL;
+        GError *err = NULL;
+        int left, r;
+
+        msg = qmp_next_message(q, &err);
+        if (err) {
+            g_propagate_error(errp, err);
+            return NULL;
+        }
+        if (msg && json_object_has_member(msg, "event")) {
+            g_queue_push_tail(&q->events, g_steal_pointer(&msg));
+            continue;
+        }
+        if (msg && json_object_has_member(msg, "return")) {
+            return json_node_copy(json_object_get_member(msg, "return"));
+        }
+        if (msg && json_object_has_member(msg, "error")) {
+            JsonObject *e = json_object_get_object_member(msg, "error");
+            const char *desc = e ? json_object_get_string_member_with_default(
+                                       e, "desc", "(no description)")
+                                 : "(no description)";
+
+            if (class) {
+                *class = g_strdup(e ? json_object_get_string_member_with_default(
+                                          e, "class", "") : "");
+            }
+            g_set_error(errp, VMEM_LIMIT_ERROR, VMEM_EXIT_REFUSED,
+                        "QEMU refused %s: %s", cmd, desc);
+            return NULL;
+        }
+        if (msg) {
+            continue;   /* greeting or something newer than us */
+        }
+        left = (int)((deadline - g_get_monotonic_time()) / 1000);
+        if (left <= 0) {
+            qmp_lost(q, "no reply within 30 s", errp);
+            return NULL;
+        }
+        r = qmp_fill(q, left, errp);
+        if (r < 0) {
+            return NULL;
+        }
+    }
+}
+
+gboolean qmp_wait_event(Qmp *q, int timeout_ms, GError **errp)
+{
+    gint64 deadline = timeout_ms < 0 ? -1 :
+                      g_get_monotonic_time() + timeout_ms * (gint64)1000;
+
+    while (g_queue_is_empty(&q->events)) {
+        g_autoptr(JsonObject) msg = NULL;
+        GError *err = NULL;
+        int left = -1;
+
+        msg = qmp_next_message(q, &err);
+        if (err) {
+            g_propagate_error(errp, err);
+            return FALSE;
+        }
+        if (msg) {
+            if (json_object_has_member(msg, "event")) {
+                g_queue_push_tail(&q->events, g_steal_pointer(&msg));
+            }
+            continue;
+        }
+        if (deadline >= 0) {
+            left = (int)((deadline - g_get_monotonic_time()) / 1000);
+            if (left <= 0) {
+                break;
+            }
+        }
+        if (qmp_fill(q, left, errp) < 0) {
+            return FALSE;
+        }
+    }
+    return TRUE;
+}
+
+JsonObject *qmp_pop_event(Qmp *q)
+{
+    return g_queue_pop_head(&q->events);
+}
+
+Qmp *qmp_connect(const char *path, GError **errp)
+{
+    struct sockaddr_un sa = { .sun_family = AF_UNIX };
+    g_autoptr(JsonNode) ret = NULL;
+    Qmp *q;
+
+    if (strlen(path) >= sizeof(sa.sun_path)) {
+        g_set_error(errp, VMEM_LIMIT_ERROR, VMEM_EXIT_USAGE,
+                    "QMP socket path %s is too long for a unix socket "
+                    "(%zu bytes at most)", path, sizeof(sa.sun_path) - 1);
+        return NULL;
+    }
+    strcpy(sa.sun_path, path);
+
+    q = g_new0(Qmp, 1);
+    q->path = g_strdup(path);
+    q->buf = g_string_new(NULL);
+    g_queue_init(&q->events);
+    q->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (q->fd < 0 || connect(q->fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
+        int e = errno;
+
+        if (e == EACCES || e == EPERM) {
+            g_set_error(errp, VMEM_LIMIT_ERROR, VMEM_EXIT_PERMISSION,
+                        "QMP socket %s: %s; run as the user that owns it",
+                        path, g_strerror(e));
+        } else {
+            g_set_error(errp, VMEM_LIMIT_ERROR, VMEM_EXIT_LOST,
+                        "QMP socket %s: %s; start QEMU with "
+                        "-chardev socket,id=mon1,path=%s,server=on,wait=off "
+                        "-mon chardev=mon1,mode=control",
+                        path, g_strerror(e), path);
+        }
+        qmp_close(q);
+        return NULL;
+    }
+    /* The greeting comes first; qmp_call skips it. */
+    ret = qmp_call(q, "qmp_capabilities", NULL, NULL, NULL, errp);
+    if (!ret) {
+        qmp_close(q);
+        return NULL;
+    }
+    return q;
+}
+
+void qmp_close(Qmp *q)
+{
+    if (!q) {
+        return;
+    }
+    if (q->fd >= 0) {
+        close(q->fd);
+    }
+    g_queue_clear_full(&q->events, (GDestroyNotify)json_object_unref);
+    g_string_free(q->buf, TRUE);
+    g_free(q->path);
+    g_free(q);
+}
