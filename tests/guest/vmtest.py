@@ -776,6 +776,47 @@ def check_invariants(g, dev='vm0', guest=True, memmap=None, timeout=60):
     return st
 
 
+# --- QEMU trace events ---------------------------------------------------
+
+class TraceLog:
+    """QEMU trace events of one guest, written by QEMU's log backend to a
+    file of their own, read step by step.
+
+    Pass args() as extra_args; take() returns the (event, arguments) pairs
+    traced since the last call, arguments as a dict of ints."""
+
+    LINE = re.compile(r'^(?:\d+@[\d.]+:)?(\w+) ?(.*)$', re.M)
+    ARG = re.compile(r'(\w+)=(0x[0-9a-f]+|\d+)')
+
+    def __init__(self, events):
+        self.events = tuple(events)
+        self.dir = tempfile.mkdtemp(prefix='vmtest-trace-')
+        self.path = os.path.join(self.dir, 'trace.log')
+        self.pos = 0
+
+    def args(self):
+        out = ['-D', self.path]
+        for e in self.events:
+            out += ['-trace', f'enable={e}']
+        return out
+
+    def take(self):
+        try:
+            with open(self.path) as f:
+                f.seek(self.pos)
+                text = f.read()
+                self.pos = f.tell()
+        except FileNotFoundError:
+            return []
+        return [(m.group(1), {k: int(v, 0) for k, v in
+                              self.ARG.findall(m.group(2))})
+                for m in self.LINE.finditer(text)
+                if m.group(1) in self.events]
+
+    def remove(self):
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 def require_kit():
     for p in (QEMU, os.path.join(GUEST, 'vmlinuz'),
               os.path.join(GUEST, 'initramfs.cpio.gz')):

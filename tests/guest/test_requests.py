@@ -1,0 +1,127 @@
+#!/usr/bin/python3
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""
+Count what the guest asks of the device: every PLUG, UNPLUG and VMEMMAP
+request the patched driver sends, read from the fork's own trace events
+(virtio_mem_plug_request, virtio_mem_unplug_request,
+virtio_mem_vmemmap_request; QEMU's log backend writes them to a file).
+
+With memory_hotplug.memmap_on_memory=1, in SBM and in BBM:
+- a shrink by k memory blocks unplugs exactly k blocks of device memory
+  (memmap included) and plugs nothing back;
+- a grow plugs exactly what was asked where that is whole blocks, and
+  never more than was asked otherwise;
+- every memory block the guest added is reported once.
+"""
+
+from scenarios import device_has, guest_for
+from vmtest import GiB, MiB, Tests, TraceLog, check, log, poll
+
+MB = 128 * MiB          # Linux memory block on x86-64
+DEV_BLOCK = 2 * MiB     # the device's block size (scenarios.guest_for)
+
+EVENTS = ('virtio_mem_plug_request', 'virtio_mem_unplug_request',
+          'virtio_mem_unplug_all_request', 'virtio_mem_vmemmap_request')
+
+
+def take(trace):
+    """Requests traced since the last call: bytes plugged and unplugged
+    (and in how many requests), unplug-all and vmemmap requests."""
+    got = {'plug': 0, 'unplug': 0, 'unplug_all': 0, 'vmemmap': 0,
+           'plug_reqs': 0, 'unplug_reqs': 0}
+    for event, args in trace.take():
+        kind = event[len('virtio_mem_'):-len('_request')]
+        if kind in ('plug', 'unplug'):
+            got[kind] += args['nb_blocks'] * DEV_BLOCK
+            got[kind + '_reqs'] += 1
+        else:
+            got[kind] += 1
+    return got
+
+
+def settle(g, requested, size):
+    """Ask for `requested`, wait for `size` plugged and the guest at rest."""
+    g.qom_set('requested-size', requested)
+    poll(lambda: g.qom_get('size') == size, 300,
+         f'size == {size >> 20} MiB')
+    g.wait_guest_at_rest()
+
+
+def fmt(got):
+    return (f'plugged {got["plug"] / MiB:g} MiB in {got["plug_reqs"]} '
+            f'requests, unplugged {got["unplug"] / MiB:g} MiB in '
+            f'{got["unplug_reqs"]} requests, {got["vmemmap"]} vmemmap '
+            f'reports, {got["unplug_all"]} unplug-all')
+
+
+def counts(bbm):
+    """Walk one guest through grows and shrinks and check, per step, the
+    requests it sent.  Returns a list of sentences for what was wrong."""
+    mode = 'bbm' if bbm else 'sbm'
+    trace = TraceLog(EVENTS)
+    errs = []
+    # requested, settled size, plug bytes expected (None: at most the
+    # request), unplug bytes expected
+    steps = [
+        (1 * GiB, 1 * GiB, 1 * GiB, 0),
+        (1 * GiB - MB, 1 * GiB - MB, 0, MB),               # k = 1
+        (512 * MiB, 512 * MiB, 0, 3 * MB),                  # k = 3
+        # 258 MiB more: two blocks, then 2 MiB that cannot hold a
+        # block's memmap plus usable memory (SBM: -ENOSPC; BBM: not a
+        # whole big block): never more than asked.
+        (770 * MiB, 768 * MiB, None, 0),
+        (640 * MiB, 640 * MiB, 0, MB),                      # k = 1
+        (0, 0, 0, 640 * MiB),
+    ]
+    try:
+        with guest_for('project', f'req-{mode}', '512M', '4G',
+                       modparams={'force_bbm': 1} if bbm else None,
+                       extra_args=trace.args()) as g:
+            take(trace)
+            prev = 0
+            for req, size, plug, unplug in steps:
+                settle(g, req, size)
+                got = take(trace)
+                what = f'{mode} {prev >> 20} -> {req >> 20} MiB'
+                log(f'{what}: {fmt(got)}')
+                if plug is None:
+                    if got['plug'] > req - prev:
+                        errs.append(f'{what}: plugged {got["plug"] / MiB:g} '
+                                    f'MiB, asked for {(req - prev) / MiB:g}')
+                elif got['plug'] != plug:
+                    errs.append(f'{what}: plugged {got["plug"] / MiB:g} MiB, '
+                                f'expected {plug / MiB:g}')
+                if got['unplug'] != unplug:
+                    errs.append(f'{what}: unplugged {got["unplug"] / MiB:g} '
+                                f'MiB, expected {unplug / MiB:g}')
+                if got['unplug_all']:
+                    errs.append(f'{what}: {got["unplug_all"]} unplug-all')
+                if plug and got['vmemmap'] != plug // MB:
+                    errs.append(f'{what}: {got["vmemmap"]} vmemmap reports '
+                                f'for {plug // MB} added blocks')
+                prev = size
+            bad = g.bad_log_lines()
+            if bad:
+                errs.append('guest log: ' + '; '.join(bad))
+    finally:
+        trace.remove()
+    return errs
+
+
+def test_mode(bbm):
+    errs = counts(bbm)
+    check(not errs, '\n'.join(errs))
+
+
+def main():
+    check(device_has('vmemmap-accounting'), 'fork lacks vmemmap-accounting')
+    t = Tests()
+    t.case('SBM: shrink by k blocks unplugs k blocks, grow never overshoots',
+           lambda: test_mode(False))
+    t.case('BBM: shrink by k blocks unplugs k blocks, grow never overshoots',
+           lambda: test_mode(True))
+    t.done()
+
+
+if __name__ == '__main__':
+    main()
