@@ -17,6 +17,7 @@ the domain and the daemon it started, also on failure.
 """
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -38,8 +39,17 @@ ET.register_namespace('qemu', QEMU_NS)
 # Requested sizes, in order: up twice, then down twice.
 STEPS = (1 * GiB, 2 * GiB, 512 * MiB, 0)
 
+# The same through the host tool's libvirt mode.
+TOOL_STEPS = (1536 * MiB, 0)
+VMEM_LIMIT = os.path.join(TOP, 'build', 'vmem-limit')
+
 # Memory blocks are 128 MiB on x86-64 and each holds its own 2 MiB memmap.
 MEMMAP_RATIO = 64
+
+
+def machine_partitions():
+    return set(glob.glob('/sys/fs/cgroup/machine') +
+               glob.glob('/sys/fs/cgroup/*/machine'))
 
 
 class Libvirtd:
@@ -54,9 +64,13 @@ class Libvirtd:
         self.proc = None
         self.uri = None
         self.created = []
+        self.partitions = set()
 
     def start(self):
         self.tmp = tempfile.mkdtemp(prefix='vmtest-libvirtd-')
+        # Without systemd, libvirtd puts domains in a "machine" cgroup at
+        # the root of each hierarchy: remove those it adds when it stops.
+        self.partitions = machine_partitions()
         sock_dir = os.path.join(self.tmp, 'sock')
         os.makedirs(sock_dir)
         binds = []
@@ -147,6 +161,9 @@ class Libvirtd:
                     os.kill(pid, signal.SIGKILL)
             if not os.environ.get('VMTEST_KEEP'):
                 shutil.rmtree(self.tmp, ignore_errors=True)
+        for p in sorted(machine_partitions() - self.partitions):
+            with contextlib.suppress(OSError):
+                os.rmdir(p)
         for d in self.created:
             with contextlib.suppress(OSError):
                 os.rmdir(d)
@@ -334,6 +351,12 @@ def resize_step(g, requested, base):
     """Resize through libvirt and check every view once settled."""
     t0 = time.monotonic()
     g.update_memory_device(requested)
+    settled_views_agree(g, requested, base, t0)
+
+
+def settled_views_agree(g, requested, base, t0):
+    """Wait for the device and the guest to settle at `requested`, then
+    check libvirt's, QEMU's and the guest's view against each other."""
     poll(lambda: g.memory_device_info()['size'] == requested, 600,
          f'QEMU size == {requested >> 20} MiB')
     g.wait_guest_at_rest(600)
@@ -366,6 +389,52 @@ def resize_step(g, requested, base):
           f'{info["size"] - vmemmap}')
 
 
+def vmem_limit(daemon, g, *args):
+    p = subprocess.run([VMEM_LIMIT, '--connect', daemon.uri, '-d', g.domain,
+                        *args], capture_output=True, text=True, timeout=900)
+    out = p.stdout + p.stderr
+    if p.returncode:
+        raise HarnessError(f'vmem-limit {" ".join(args)} exited '
+                           f'{p.returncode}:\n{out}')
+    return out
+
+
+def tool_base(daemon, g):
+    """The base vmem-limit measures now, rounded up to a MiB: given back
+    with --base, so that the limit it sets is an exact expectation."""
+    shown = json.loads(vmem_limit(daemon, g, 'show', '--json'))
+    return -(-shown['base'] // MiB) * MiB
+
+
+def tool_resize(daemon, g, requested, base, tool_base_):
+    """vmem-limit in libvirt mode resizes the device and sets the
+    domain's hard_limit to base + max(size, requested-size) + margin."""
+    t0 = time.monotonic()
+    opt = f'--base={tool_base_ >> 20}M'
+    out = vmem_limit(daemon, g, opt, 'resize', g.alias, f'{requested >> 20}M')
+    for line in out.splitlines():
+        log(f'vmem-limit: {line}')
+    settled_views_agree(g, requested, base, t0)
+    shown = json.loads(vmem_limit(daemon, g, opt, 'show', '--json'))
+    tune = {k.strip(): v.strip() for k, v in
+            (line.split(':', 1) for line in
+             daemon.virsh('memtune', g.domain).splitlines() if ':' in line)}
+    hard = int(tune['hard_limit']) << 10
+    soft = int(tune['soft_limit']) << 10
+    want = tool_base_ + requested + shown['margin']
+    log(f'hard_limit {hard >> 20} MiB, soft_limit {soft >> 20} MiB = base '
+        f'{tool_base_ >> 20} + size {requested >> 20} + margin '
+        f'{shown["margin"] >> 20} MiB; charge {shown["charge"] >> 20} MiB')
+    check(hard == soft == want,
+          f'hard_limit {hard}, soft_limit {soft}: want base {tool_base_} + '
+          f'size {requested} + margin {shown["margin"]} = {want}')
+    check(shown['limit'] == hard and shown['wanted'] == want,
+          f'vmem-limit show: limit {shown["limit"]}, wanted '
+          f'{shown["wanted"]}; libvirt has {hard}, want {want}')
+    check(hard >= shown['charge'],
+          f'hard_limit {hard} below the charge {shown["charge"]}')
+
+
 def main():
     require_kit()
     t = Tests()
@@ -382,6 +451,11 @@ def main():
                 t.case(f'update-memory-device to {req >> 20} MiB: <current>, '
                        'size, vmemmap-size, MemTotal agree',
                        lambda req=req: resize_step(g, req, base))
+            tb = tool_base(daemon, g)
+            for req in TOOL_STEPS:
+                t.case(f'vmem-limit -d (libvirt) resize to {req >> 20} MiB: '
+                       'hard_limit = base + size + margin, views agree',
+                       lambda req=req: tool_resize(daemon, g, req, base, tb))
             t.case('guest log clean', lambda: check(
                 not g.bad_log_lines(),
                 'guest log has errors:\n' + '\n'.join(g.bad_log_lines())))
