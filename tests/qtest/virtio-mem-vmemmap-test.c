@@ -66,43 +66,37 @@ static void find_dev(QPCIDevice *pci, int devfn, void *opaque)
  * binary named by the environment variable @bin_var, or the default one
  * if @bin_var is NULL.
  */
-static QTestState *qemu_start(const char *bin_var, const char *dev_opts,
-                              const char *extra)
+static QTestState *qemu_start_sized(const char *bin_var, uint64_t region,
+                                    const char *dev_opts, const char *extra)
 {
     g_autofree char *args =
         g_strdup_printf("-machine pc -m 128M,maxmem=%" PRIu64
                         " -object memory-backend-ram,id=mem0,size=%" PRIu64
                         " -device virtio-mem-pci,id=vm0,memdev=mem0,%s %s",
-                        128 * MiB + REGION_SIZE, REGION_SIZE, dev_opts, extra);
+                        128 * MiB + region, region, dev_opts, extra);
 
     return qtest_init_with_env(bin_var, args, true);
 }
 
-/*
- * Start QEMU and bring the device up like a driver; @negotiate_vmemmap
- * says whether to accept VIRTIO_MEM_F_VMEMMAP.
- */
-static Dev *dev_start_on(const char *bin_var, const char *dev_opts,
-                         bool negotiate_vmemmap)
+static QTestState *qemu_start(const char *bin_var, const char *dev_opts,
+                              const char *extra)
 {
-    Dev *d = g_new0(Dev, 1);
-    QPCIAddress pci_addr = { 0 };
+    return qemu_start_sized(bin_var, REGION_SIZE, dev_opts, extra);
+}
+
+/*
+ * Reset the device and bring it up like a (new) driver would;
+ * @negotiate_vmemmap says whether to accept VIRTIO_MEM_F_VMEMMAP.
+ */
+static void dev_negotiate(Dev *d, bool negotiate_vmemmap)
+{
     uint64_t features;
-    int devfn = -1;
 
-    d->qts = qemu_start(bin_var, dev_opts, "");
-    pc_alloc_init(&d->alloc, d->qts, ALLOC_NO_FLAGS);
-    d->bus = qpci_new_pc(d->qts, &d->alloc);
-    qpci_device_foreach(d->bus, PCI_VENDOR_ID_REDHAT_QUMRANET,
-                        PCI_DEVICE_ID_VIRTIO_MEM, find_dev, &devfn);
-    g_assert_cmpint(devfn, >=, 0);
-    pci_addr.devfn = devfn;
-    d->pdev = virtio_pci_new(d->bus, &pci_addr);
-    g_assert_nonnull(d->pdev);
-    d->vdev = &d->pdev->vdev;
-    qvirtio_pci_device_enable(d->pdev);
+    if (d->vq) {
+        qvirtqueue_cleanup(d->vdev->bus, d->vq, &d->alloc);
+        d->vq = NULL;
+    }
     qvirtio_start_device(d->vdev);
-
     d->offered = qvirtio_get_features(d->vdev);
     /* Device features and VERSION_1; no ring features (event idx). */
     features = (d->offered & ((1ull << VIRTIO_TRANSPORT_F_START) - 1)) |
@@ -113,10 +107,41 @@ static Dev *dev_start_on(const char *bin_var, const char *dev_opts,
     qvirtio_set_features(d->vdev, features);
     d->vq = qvirtqueue_setup(d->vdev, &d->alloc, 0);
     qvirtio_set_driver_ok(d->vdev);
+}
+
+/*
+ * Start QEMU and bring the device up like a driver; @negotiate_vmemmap
+ * says whether to accept VIRTIO_MEM_F_VMEMMAP.
+ */
+static Dev *dev_start_sized(const char *bin_var, uint64_t region,
+                            const char *dev_opts, bool negotiate_vmemmap)
+{
+    Dev *d = g_new0(Dev, 1);
+    QPCIAddress pci_addr = { 0 };
+    int devfn = -1;
+
+    d->qts = qemu_start_sized(bin_var, region, dev_opts, "");
+    pc_alloc_init(&d->alloc, d->qts, ALLOC_NO_FLAGS);
+    d->bus = qpci_new_pc(d->qts, &d->alloc);
+    qpci_device_foreach(d->bus, PCI_VENDOR_ID_REDHAT_QUMRANET,
+                        PCI_DEVICE_ID_VIRTIO_MEM, find_dev, &devfn);
+    g_assert_cmpint(devfn, >=, 0);
+    pci_addr.devfn = devfn;
+    d->pdev = virtio_pci_new(d->bus, &pci_addr);
+    g_assert_nonnull(d->pdev);
+    d->vdev = &d->pdev->vdev;
+    qvirtio_pci_device_enable(d->pdev);
+    dev_negotiate(d, negotiate_vmemmap);
 
     d->addr = qom_get_u64(d->qts, "memaddr");
     d->block_size = qom_get_u64(d->qts, "block-size");
     return d;
+}
+
+static Dev *dev_start_on(const char *bin_var, const char *dev_opts,
+                         bool negotiate_vmemmap)
+{
+    return dev_start_sized(bin_var, REGION_SIZE, dev_opts, negotiate_vmemmap);
 }
 
 static Dev *dev_start(const char *dev_opts, bool negotiate_vmemmap)
@@ -204,6 +229,77 @@ static int vmemmap(Dev *d, uint64_t offset, uint64_t size)
     return request(d, VIRTIO_MEM_REQ_VMEMMAP, d->addr + offset, size);
 }
 
+/*
+ * Queue @n requests at once, the way a driver that fills its queue would,
+ * and wait until the device has answered all of them; the response types
+ * land in @types.  Writes the ring directly, one batch at a time, so that
+ * a test can send hundreds of thousands of requests: do not mix with
+ * request() on the same device.  Returns the time the device took, from
+ * the kick to the last used element, in nanoseconds.
+ */
+static int64_t request_batch(Dev *d, const struct virtio_mem_req *reqs,
+                             int n, uint16_t *types)
+{
+    QVirtQueue *vq = d->vq;
+    const size_t rsz = sizeof(struct virtio_mem_resp);
+    g_autofree struct vring_desc *desc = g_new0(struct vring_desc, 2 * n);
+    g_autofree struct virtio_mem_resp *resp = g_new0(struct virtio_mem_resp,
+                                                     n);
+    const uint64_t req_addr = guest_alloc(&d->alloc, n * sizeof(*reqs));
+    const uint64_t resp_addr = guest_alloc(&d->alloc, n * rsz);
+    const uint16_t avail = qtest_readw(d->qts, vq->avail + 2);
+    const uint16_t used = qtest_readw(d->qts, vq->used + 2);
+    gint64 start, deadline;
+    int i;
+
+    g_assert_cmpint(n, <=, vq->size / 2);
+    for (i = 0; i < n; i++) {
+        desc[2 * i].addr = cpu_to_le64(req_addr + i * sizeof(*reqs));
+        desc[2 * i].len = cpu_to_le32(sizeof(*reqs));
+        desc[2 * i].flags = cpu_to_le16(VRING_DESC_F_NEXT);
+        desc[2 * i].next = cpu_to_le16(2 * i + 1);
+        desc[2 * i + 1].addr = cpu_to_le64(resp_addr + i * rsz);
+        desc[2 * i + 1].len = cpu_to_le32(rsz);
+        desc[2 * i + 1].flags = cpu_to_le16(VRING_DESC_F_WRITE);
+        qtest_writew(d->qts, vq->avail + 4 + 2 * ((avail + i) % vq->size),
+                     2 * i);
+    }
+    qtest_memwrite(d->qts, req_addr, reqs, n * sizeof(*reqs));
+    qtest_memwrite(d->qts, vq->desc, desc, 2 * n * sizeof(*desc));
+    qtest_writew(d->qts, vq->avail + 2, avail + n);
+
+    start = g_get_monotonic_time();
+    deadline = start + TIMEOUT_US;
+    d->vdev->bus->virtqueue_kick(d->vdev, vq);
+    while (qtest_readw(d->qts, vq->used + 2) != (uint16_t)(used + n)) {
+        g_assert_cmpint(g_get_monotonic_time(), <, deadline);
+    }
+    start = (g_get_monotonic_time() - start) * 1000;
+
+    qtest_memread(d->qts, resp_addr, resp, n * rsz);
+    for (i = 0; i < n; i++) {
+        types[i] = le16_to_cpu(resp[i].type);
+    }
+    vq->last_used_idx = used + n;
+    guest_free(&d->alloc, req_addr);
+    guest_free(&d->alloc, resp_addr);
+    return start;
+}
+
+/* Resident memory of the QEMU process behind @qts, in bytes. */
+static uint64_t qemu_rss(QTestState *qts)
+{
+    g_autofree char *path = g_strdup_printf("/proc/%d/status",
+                                            (int)qtest_pid(qts));
+    g_autofree char *status = NULL;
+    const char *line;
+
+    g_assert_true(g_file_get_contents(path, &status, NULL, NULL));
+    line = strstr(status, "VmRSS:");
+    g_assert_nonnull(line);
+    return g_ascii_strtoull(line + strlen("VmRSS:"), NULL, 10) * KiB;
+}
+
 /* The virtio-mem entry of query-memory-devices; caller unrefs. */
 static QDict *query_vm0(QTestState *qts)
 {
@@ -269,21 +365,25 @@ static void test_not_negotiated(void)
 }
 
 /*
- * Wait for a MEMORY_DEVICE_SIZE_CHANGE that carries @size/@vmemmap.  The
- * event is rate-limited on the virtual clock under qtest: step it so a
- * delayed event goes out, for at most ten rate-limit periods.
+ * Collect the MEMORY_DEVICE_SIZE_CHANGE events that go out within
+ * @periods rate-limit periods, stepping the virtual clock (the rate limit
+ * runs on it under qtest).  Returns the size of the last one, or -1 if
+ * there was none.  The event never carries vmemmap-size: it reports
+ * changes of 'size' only.
  */
-static void wait_size_event(QTestState *qts, uint64_t size, uint64_t vmemmap)
+static int64_t collect_size_events(QTestState *qts, int periods, bool stop_at,
+                                   uint64_t size)
 {
-    int periods = 0;
+    int64_t last = -1;
 
     for (;;) {
         QDict *ev = qtest_qmp_event_ref(qts, "MEMORY_DEVICE_SIZE_CHANGE");
         QDict *data;
-        bool match;
 
         if (!ev) {
-            g_assert_cmpint(periods++, <, 10);
+            if (periods-- == 0) {
+                return last;
+            }
             qtest_clock_step(qts, NANOSECONDS_PER_SECOND);
             /* Any QMP round trip collects events that went out. */
             qobject_unref(qtest_qmp(qts, "{ 'execute': 'query-status' }"));
@@ -291,14 +391,25 @@ static void wait_size_event(QTestState *qts, uint64_t size, uint64_t vmemmap)
         }
         data = qdict_get_qdict(ev, "data");
         g_assert_cmpstr(qdict_get_str(data, "id"), ==, "vm0");
-        g_assert_true(qdict_haskey(data, "vmemmap-size"));
-        match = qdict_get_int(data, "size") == size &&
-                qdict_get_int(data, "vmemmap-size") == vmemmap;
+        g_assert_false(qdict_haskey(data, "vmemmap-size"));
+        last = qdict_get_int(data, "size");
         qobject_unref(ev);
-        if (match) {
-            return;
+        if (stop_at && last == size) {
+            return last;
         }
     }
+}
+
+/* Wait, for at most ten rate-limit periods, for an event with @size. */
+static void wait_size_event(QTestState *qts, uint64_t size)
+{
+    g_assert_cmpint(collect_size_events(qts, 10, true, size), ==, size);
+}
+
+/* No event goes out for at least two rate-limit periods. */
+static void assert_no_size_event(QTestState *qts)
+{
+    g_assert_cmpint(collect_size_events(qts, 2, false, 0), ==, -1);
 }
 
 static void assert_reported(Dev *d, uint64_t size, uint64_t vmemmap_size)
@@ -324,12 +435,14 @@ static void test_sbm(void)
     set_requested(d, 256 * MiB);
     g_assert_cmpint(plug(d, 0, 64 * MiB), ==, VIRTIO_MEM_RESP_ACK);
     g_assert_cmpint(plug(d, 128 * MiB, 64 * MiB), ==, VIRTIO_MEM_RESP_ACK);
-    wait_size_event(d->qts, 128 * MiB, 0);
+    wait_size_event(d->qts, 128 * MiB);
+    assert_no_size_event(d->qts);
 
+    /* Marking changes vmemmap-size, not size: no size event. */
     g_assert_cmpint(vmemmap(d, 0, 2 * MiB), ==, VIRTIO_MEM_RESP_ACK);
     g_assert_cmpint(vmemmap(d, 128 * MiB, 2 * MiB), ==, VIRTIO_MEM_RESP_ACK);
     assert_reported(d, 128 * MiB, 4 * MiB);
-    wait_size_event(d->qts, 128 * MiB, 4 * MiB);
+    assert_no_size_event(d->qts);
 
     /* Unplugging a block that holds vmemmap drops that part only. */
     g_assert_cmpint(unplug(d, 128 * MiB, 2 * MiB), ==, VIRTIO_MEM_RESP_ACK);
@@ -337,7 +450,7 @@ static void test_sbm(void)
     /* ... unplugging one without leaves it alone. */
     g_assert_cmpint(unplug(d, 130 * MiB, 2 * MiB), ==, VIRTIO_MEM_RESP_ACK);
     assert_reported(d, 124 * MiB, 2 * MiB);
-    wait_size_event(d->qts, 124 * MiB, 2 * MiB);
+    wait_size_event(d->qts, 124 * MiB);
 
     g_assert_cmpint(request(d, VIRTIO_MEM_REQ_UNPLUG_ALL, 0, 0), ==,
                     VIRTIO_MEM_RESP_ACK);
@@ -418,8 +531,24 @@ static void test_reset(void)
     g_assert_cmpint(plug(d, 0, 16 * MiB), ==, VIRTIO_MEM_RESP_ACK);
     g_assert_cmpint(vmemmap(d, 0, 2 * MiB), ==, VIRTIO_MEM_RESP_ACK);
     assert_reported(d, 16 * MiB, 2 * MiB);
-    /* A device reset keeps the plugged state, and so the marks. */
+    /* A device reset keeps the plugged state, and so the marks ... */
     qvirtio_reset(d->vdev);
+    assert_reported(d, 16 * MiB, 2 * MiB);
+    /* ... for a driver that negotiates the feature again, */
+    dev_negotiate(d, true);
+    assert_reported(d, 16 * MiB, 2 * MiB);
+    /*
+     * but a driver that does not (kexec or kdump into a stock kernel)
+     * does not use memory as memmap: the marks go, the plugged state
+     * stays.  Nothing is sent to a migration destination any more.
+     */
+    dev_negotiate(d, false);
+    assert_reported(d, 16 * MiB, 0);
+    g_assert_cmpint(request(d, VIRTIO_MEM_REQ_UNPLUG_ALL, 0, 0), ==,
+                    VIRTIO_MEM_RESP_ACK);
+    dev_negotiate(d, true);
+    g_assert_cmpint(plug(d, 0, 16 * MiB), ==, VIRTIO_MEM_RESP_ACK);
+    g_assert_cmpint(vmemmap(d, 0, 2 * MiB), ==, VIRTIO_MEM_RESP_ACK);
     assert_reported(d, 16 * MiB, 2 * MiB);
     /* A system reset unplugs everything. */
     qtest_qmp_assert_success(d->qts, "{ 'execute': 'system_reset' }");
@@ -433,13 +562,14 @@ static void test_reset(void)
  * destination, running, if @succeed; otherwise checks that the destination
  * failed the load and exited, and returns NULL.
  */
-static QTestState *migrate_to(Dev *src, const char *dst_opts, bool succeed)
+static QTestState *migrate_to(Dev *src, const char *bin_var,
+                              const char *dst_opts, bool succeed)
 {
     g_autofree char *sock = g_strdup_printf("%s/vmemmap-mig-%d.sock",
                                             g_get_tmp_dir(), getpid());
     g_autofree char *uri = g_strdup_printf("unix:%s", sock);
     g_autofree char *incoming = g_strdup_printf("-incoming %s", uri);
-    QTestState *dst = qemu_start(NULL, dst_opts, incoming);
+    QTestState *dst = qemu_start(bin_var, dst_opts, incoming);
     QDict *rsp;
 
     if (!succeed) {
@@ -471,7 +601,7 @@ static void migrate_one(const char *opts)
     g_assert_cmpint(vmemmap(src, 128 * MiB, 2 * MiB), ==,
                     VIRTIO_MEM_RESP_ACK);
 
-    dst = migrate_to(src, opts, true);
+    dst = migrate_to(src, NULL, opts, true);
     g_assert_cmpuint(qom_get_u64(dst, "size"), ==, 256 * MiB);
     g_assert_cmpuint(qom_get_u64(dst, "vmemmap-size"), ==, 4 * MiB);
     qtest_quit(dst);
@@ -514,7 +644,7 @@ static void test_upstream_options(void)
                         VIRTIO_MEM_RESP_ACK);
         assert_reported(src, 14 * MiB, 2 * MiB);
 
-        dst = migrate_to(src, opts, true);
+        dst = migrate_to(src, NULL, opts, true);
         g_assert_cmpuint(qom_get_u64(dst, "size"), ==, 14 * MiB);
         g_assert_cmpuint(qom_get_u64(dst, "vmemmap-size"), ==, 2 * MiB);
         qtest_quit(dst);
@@ -522,18 +652,202 @@ static void test_upstream_options(void)
     }
 }
 
-/* A destination without the feature refuses state that needs it. */
+/* Poll the source's migration status until it is @status. */
+static void wait_migration_status(QTestState *qts, const char *status)
+{
+    gint64 deadline = g_get_monotonic_time() + TIMEOUT_US;
+
+    for (;;) {
+        QDict *rsp = qtest_qmp(qts, "{ 'execute': 'query-migrate' }");
+        QDict *ret = qdict_get_qdict(rsp, "return");
+        bool done = qdict_haskey(ret, "status") &&
+                    !strcmp(qdict_get_str(ret, "status"), status);
+
+        qobject_unref(rsp);
+        if (done) {
+            return;
+        }
+        g_assert_cmpint(g_get_monotonic_time(), <, deadline);
+        g_usleep(10 * 1000);
+    }
+}
+
+/*
+ * Start a migration of @src that cannot finish within the test: at 4 KiB/s
+ * its RAM would take days.  A destination that fails therefore failed on
+ * what the source sends before RAM (the early virtio-mem section).
+ */
+static void migrate_throttled(Dev *src, const char *uri)
+{
+    qtest_qmp_assert_success(src->qts, "{ 'execute': 'migrate-set-parameters',"
+                             " 'arguments': { 'max-bandwidth': 4096 } }");
+    qtest_qmp_assert_success(src->qts, "{ 'execute': 'migrate', 'arguments':"
+                             " { 'uri': %s } }", uri);
+}
+
+/*
+ * Migrate @src to a QEMU (@bin_var, as for qemu_start()) whose device has
+ * @dst_opts, and check that the destination refuses the stream before any
+ * RAM arrives, and that the source keeps its state and keeps running.
+ */
+static void migrate_refused(Dev *src, const char *bin_var,
+                            const char *dst_opts)
+{
+    g_autofree char *sock = g_strdup_printf("%s/vmemmap-mig-%d.sock",
+                                            g_get_tmp_dir(), getpid());
+    g_autofree char *uri = g_strdup_printf("unix:%s", sock);
+    g_autofree char *incoming = g_strdup_printf("-incoming %s", uri);
+    QTestState *dst = qemu_start(bin_var, dst_opts, incoming);
+    const uint64_t size = qom_get_u64(src->qts, "size");
+    const uint64_t vmemmap_size = qom_get_u64(src->qts, "vmemmap-size");
+
+    qtest_set_expected_status(dst, EXIT_FAILURE);
+    migrate_throttled(src, uri);
+    qtest_wait_qemu(dst);
+    wait_migration_status(src->qts, "failed");
+    unlink(sock);
+
+    g_assert_cmpuint(qom_get_u64(src->qts, "size"), ==, size);
+    g_assert_cmpuint(qom_get_u64(src->qts, "vmemmap-size"), ==, vmemmap_size);
+    /* Migration is over: the device takes requests again. */
+    g_assert_cmpint(plug(src, size, src->block_size), ==, VIRTIO_MEM_RESP_ACK);
+}
+
+/*
+ * A destination without vmemmap accounting refuses a guest that uses it,
+ * before RAM is sent: with marks, and with the feature negotiated but
+ * nothing marked yet.
+ */
 static void test_migration_to_off(void)
 {
     Dev *src = dev_start("vmemmap-accounting=on,block-size=2M", true);
 
     set_requested(src, 64 * MiB);
     g_assert_cmpint(plug(src, 0, 4 * MiB), ==, VIRTIO_MEM_RESP_ACK);
+    migrate_refused(src, NULL, "vmemmap-accounting=off,block-size=2M");
     g_assert_cmpint(vmemmap(src, 0, 2 * MiB), ==, VIRTIO_MEM_RESP_ACK);
-
-    g_assert_null(migrate_to(src, "vmemmap-accounting=off,block-size=2M",
-                             false));
+    migrate_refused(src, NULL, "vmemmap-accounting=off,block-size=2M");
     dev_stop(src);
+
+    /* Without the early section the device state is all there is. */
+    src = dev_start("vmemmap-accounting=on,block-size=2M,"
+                    "x-early-migration=off", true);
+    set_requested(src, 64 * MiB);
+    g_assert_cmpint(plug(src, 0, 4 * MiB), ==, VIRTIO_MEM_RESP_ACK);
+    g_assert_cmpint(vmemmap(src, 0, 2 * MiB), ==, VIRTIO_MEM_RESP_ACK);
+    g_assert_null(migrate_to(src, NULL, "vmemmap-accounting=off,"
+                             "block-size=2M,x-early-migration=off", false));
+    dev_stop(src);
+}
+
+/*
+ * An invalid request is an ERROR while migration runs too; a valid one
+ * is BUSY then, and is accepted once migration has ended.
+ */
+static void test_busy(void)
+{
+    Dev *d = dev_start("vmemmap-accounting=on,block-size=2M", true);
+
+    set_requested(d, 64 * MiB);
+    g_assert_cmpint(plug(d, 0, 4 * MiB), ==, VIRTIO_MEM_RESP_ACK);
+    migrate_throttled(d, "exec:cat > /dev/null");
+    wait_migration_status(d->qts, "active");
+
+    g_assert_cmpint(vmemmap(d, 8 * MiB, 4 * KiB), ==, VIRTIO_MEM_RESP_ERROR);
+    g_assert_cmpint(vmemmap(d, 0, 4 * KiB + 1), ==, VIRTIO_MEM_RESP_ERROR);
+    g_assert_cmpint(vmemmap(d, 0, 2 * MiB), ==, VIRTIO_MEM_RESP_BUSY);
+    g_assert_cmpint(plug(d, 4 * MiB, 2 * MiB), ==, VIRTIO_MEM_RESP_BUSY);
+    assert_reported(d, 4 * MiB, 0);
+
+    qtest_qmp_assert_success(d->qts, "{ 'execute': 'migrate_cancel' }");
+    wait_migration_status(d->qts, "cancelled");
+    g_assert_cmpint(vmemmap(d, 0, 2 * MiB), ==, VIRTIO_MEM_RESP_ACK);
+    assert_reported(d, 4 * MiB, 2 * MiB);
+    dev_stop(d);
+}
+
+/*
+ * The most a guest can make the device hold: every other 4 KiB page of
+ * 1 GiB marked, in descending order (each mark lands before all others),
+ * then one UNPLUG of all of it.  The state is a bitmap fixed at realize,
+ * so QEMU's memory may grow by at most the bitmap's touched part (32 KiB
+ * per GiB marked) whatever the pattern; range lists grow by 16 bytes or
+ * more per run (2 MiB here), and sorted arrays make this pattern
+ * quadratic.  The times are logged for the benchmark, not asserted.
+ */
+#define WORST_REGION    (4 * GiB)
+#define WORST_SPAN      (1 * GiB)
+#define WORST_BOUND     (1 * MiB)
+
+static void test_worst_pattern(void)
+{
+    Dev *d = dev_start_sized(NULL, WORST_REGION,
+                             "vmemmap-accounting=on,block-size=2M", true);
+    const int batch = d->vq->size / 2;
+    const uint64_t marks = WORST_SPAN / (8 * KiB);
+    g_autofree struct virtio_mem_req *reqs =
+        g_new0(struct virtio_mem_req, batch);
+    g_autofree uint16_t *types = g_new0(uint16_t, batch);
+    int64_t first_ns = 0, last_ns = 0, ns;
+    uint64_t rss_before, rss_after, done = 0, nr_batches = 0;
+    int i;
+
+    set_requested(d, WORST_SPAN);
+    reqs[0].type = cpu_to_le16(VIRTIO_MEM_REQ_PLUG);
+    reqs[0].u.plug.addr = cpu_to_le64(d->addr);
+    reqs[0].u.plug.nb_blocks = cpu_to_le16(WORST_SPAN / d->block_size);
+    request_batch(d, reqs, 1, types);
+    g_assert_cmpint(types[0], ==, VIRTIO_MEM_RESP_ACK);
+    rss_before = qemu_rss(d->qts);
+
+    while (done < marks) {
+        const int n = MIN(batch, marks - done);
+
+        for (i = 0; i < n; i++) {
+            const uint64_t off = WORST_SPAN - (done + i + 1) * 8 * KiB;
+
+            reqs[i].type = cpu_to_le16(VIRTIO_MEM_REQ_VMEMMAP);
+            reqs[i].u.vmemmap_range.addr = cpu_to_le64(d->addr + off);
+            reqs[i].u.vmemmap_range.size = cpu_to_le64(4 * KiB);
+        }
+        ns = request_batch(d, reqs, n, types);
+        for (i = 0; i < n; i++) {
+            g_assert_cmpint(types[i], ==, VIRTIO_MEM_RESP_ACK);
+        }
+        /* The first and the last tenth of the marks. */
+        if (done < marks / 10) {
+            first_ns += ns;
+        } else if (done >= marks - marks / 10) {
+            last_ns += ns;
+        }
+        done += n;
+        nr_batches++;
+    }
+    rss_after = qemu_rss(d->qts);
+    g_assert_cmpuint(qom_get_u64(d->qts, "vmemmap-size"), ==, WORST_SPAN / 2);
+    g_test_message("worst pattern: %" PRIu64 " descending marks in %" PRIu64
+                   " batches; QEMU RSS %+" PRId64 " KiB (bound %" PRIu64
+                   " KiB); round trip per request: first tenth %.1f us,"
+                   " last tenth %.1f us", marks, nr_batches,
+                   ((int64_t)rss_after - (int64_t)rss_before) / (int64_t)KiB,
+                   (uint64_t)WORST_BOUND / KiB,
+                   first_ns / 1000.0 / (marks / 10),
+                   last_ns / 1000.0 / (marks / 10));
+    g_assert_cmpint((int64_t)rss_after - (int64_t)rss_before, <=,
+                    WORST_BOUND);
+
+    /* One UNPLUG drops every run. */
+    reqs[0].type = cpu_to_le16(VIRTIO_MEM_REQ_UNPLUG);
+    reqs[0].u.unplug.addr = cpu_to_le64(d->addr);
+    reqs[0].u.unplug.nb_blocks = cpu_to_le16(WORST_SPAN / d->block_size);
+    ns = request_batch(d, reqs, 1, types);
+    g_assert_cmpint(types[0], ==, VIRTIO_MEM_RESP_ACK);
+    g_test_message("worst pattern: one UNPLUG of %" PRIu64 " MiB holding %"
+                   PRIu64 " runs: %.2f ms from kick to response",
+                   (uint64_t)WORST_SPAN / MiB, marks, ns / 1e6);
+    g_assert_cmpuint(qom_get_u64(d->qts, "vmemmap-size"), ==, 0);
+    g_assert_cmpuint(qom_get_u64(d->qts, "size"), ==, 0);
+    dev_stop(d);
 }
 
 /*
@@ -552,6 +866,34 @@ static bool have_stock(void)
         return false;
     }
     return true;
+}
+
+/*
+ * With the property on but a driver that does not use the feature, the
+ * fork migrates to stock QEMU; a guest that uses it is refused by stock
+ * QEMU before RAM is sent (the subsection is unknown there).
+ */
+static void test_migration_to_stock(void)
+{
+    Dev *src;
+    QTestState *dst;
+
+    if (!have_stock()) {
+        return;
+    }
+    src = dev_start("vmemmap-accounting=on,block-size=2M", false);
+    set_requested(src, 64 * MiB);
+    g_assert_cmpint(plug(src, 0, 4 * MiB), ==, VIRTIO_MEM_RESP_ACK);
+    dst = migrate_to(src, STOCK_BINARY, "block-size=2M", true);
+    g_assert_cmpuint(qom_get_u64(dst, "size"), ==, 4 * MiB);
+    qtest_quit(dst);
+    dev_stop(src);
+
+    src = dev_start("vmemmap-accounting=on,block-size=2M", true);
+    set_requested(src, 64 * MiB);
+    g_assert_cmpint(plug(src, 0, 4 * MiB), ==, VIRTIO_MEM_RESP_ACK);
+    migrate_refused(src, STOCK_BINARY, "block-size=2M");
+    dev_stop(src);
 }
 
 /* What a driver can observe, one line per observation. */
@@ -897,6 +1239,10 @@ int main(int argc, char **argv)
     qtest_add_func("/virtio-mem-vmemmap/migration", test_migration);
     qtest_add_func("/virtio-mem-vmemmap/migration-to-off",
                    test_migration_to_off);
+    qtest_add_func("/virtio-mem-vmemmap/busy", test_busy);
+    qtest_add_func("/virtio-mem-vmemmap/worst-pattern", test_worst_pattern);
+    qtest_add_func("/virtio-mem-vmemmap/compat/migration-to-stock",
+                   test_migration_to_stock);
     qtest_add_func("/virtio-mem-vmemmap/upstream-options",
                    test_upstream_options);
     qtest_add_func("/virtio-mem-vmemmap/compat/guest-view",

@@ -1,5 +1,5 @@
 /*
- * Unit tests for the virtio-mem vmemmap range accounting
+ * Unit tests for the virtio-mem vmemmap accounting
  *
  * Copyright (c) 2026 The virtio-mem-vmemmap authors
  *
@@ -56,21 +56,30 @@ static VirtIOMEMVmemmapCheck report(Fixture *f, uint64_t offset, uint64_t size)
     return c;
 }
 
-/* The ranges must be sorted, disjoint, non-adjacent and sum to ->size. */
-static void assert_invariants(const VirtIOMEMVmemmap *vm)
+/*
+ * The runs must be sorted, disjoint, non-adjacent, on plugged blocks and
+ * sum to ->size; returns how many there are.
+ */
+static uint64_t assert_invariants(const VirtIOMEMVmemmap *vm)
 {
-    const VirtIOMEMVmemmapRange *r = (void *)vm->ranges->data;
-    uint64_t sum = 0;
-    guint i;
+    uint64_t offset = 0, prev_end = 0, start, size, sum = 0, n = 0;
 
-    for (i = 0; i < vm->ranges->len; i++) {
-        g_assert_cmpuint(r[i].size, >, 0);
-        if (i) {
-            g_assert_cmpuint(r[i - 1].start + r[i - 1].size, <, r[i].start);
+    while (virtio_mem_vmemmap_next_range(vm, offset, &start, &size)) {
+        g_assert_cmpuint(size, >, 0);
+        g_assert(QEMU_IS_ALIGNED(start | size, 4 * KiB));
+        if (n) {
+            g_assert_cmpuint(prev_end, <, start);
         }
-        sum += r[i].size;
+        g_assert(find_next_zero_bit(vm->plugged, (start + size - 1) / BLOCK + 1,
+                                    start / BLOCK) >
+                 (start + size - 1) / BLOCK);
+        prev_end = offset = start + size;
+        sum += size;
+        n++;
     }
     g_assert_cmpuint(sum, ==, vm->size);
+    g_assert_cmpuint(n, ==, virtio_mem_vmemmap_nr_ranges(vm));
+    return n;
 }
 
 static void test_sbm_blocks(Fixture *f, gconstpointer data)
@@ -80,8 +89,7 @@ static void test_sbm_blocks(Fixture *f, gconstpointer data)
     g_assert_cmpint(report(f, 0, 2 * MiB), ==, VIRTIO_MEM_VMEMMAP_OK);
     g_assert_cmpint(report(f, 128 * MiB, 2 * MiB), ==, VIRTIO_MEM_VMEMMAP_OK);
     g_assert_cmpuint(virtio_mem_vmemmap_size(&f->vm), ==, 4 * MiB);
-    g_assert_cmpuint(f->vm.ranges->len, ==, 2);
-    assert_invariants(&f->vm);
+    g_assert_cmpuint(assert_invariants(&f->vm), ==, 2);
 
     /* Unplugging the second Linux block drops its memmap only. */
     g_assert_cmpuint(virtio_mem_vmemmap_unmark(&f->vm, 128 * MiB, 128 * MiB),
@@ -105,20 +113,19 @@ static void test_merge_and_split(Fixture *f, gconstpointer data)
     plug(f, 0, 8 * MiB);
     g_assert_cmpint(report(f, 0, 4 * KiB), ==, VIRTIO_MEM_VMEMMAP_OK);
     g_assert_cmpint(report(f, 8 * KiB, 4 * KiB), ==, VIRTIO_MEM_VMEMMAP_OK);
-    g_assert_cmpuint(f->vm.ranges->len, ==, 2);
+    g_assert_cmpuint(assert_invariants(&f->vm), ==, 2);
     /* Filling the hole merges all three. */
     g_assert_cmpint(report(f, 4 * KiB, 4 * KiB), ==, VIRTIO_MEM_VMEMMAP_OK);
-    g_assert_cmpuint(f->vm.ranges->len, ==, 1);
+    g_assert_cmpuint(assert_invariants(&f->vm), ==, 1);
     g_assert_cmpuint(virtio_mem_vmemmap_size(&f->vm), ==, 12 * KiB);
     /* Unmarking the middle splits it again. */
     g_assert_cmpuint(virtio_mem_vmemmap_unmark(&f->vm, 4 * KiB, 4 * KiB), ==,
                      4 * KiB);
-    g_assert_cmpuint(f->vm.ranges->len, ==, 2);
-    assert_invariants(&f->vm);
+    g_assert_cmpuint(assert_invariants(&f->vm), ==, 2);
     /* Unmark across both, partially covering nothing else. */
     g_assert_cmpuint(virtio_mem_vmemmap_unmark(&f->vm, 0, 1 * MiB), ==,
                      8 * KiB);
-    g_assert_cmpuint(f->vm.ranges->len, ==, 0);
+    g_assert_cmpuint(assert_invariants(&f->vm), ==, 0);
     g_assert_cmpuint(virtio_mem_vmemmap_size(&f->vm), ==, 0);
 }
 
@@ -152,7 +159,7 @@ static void test_bad_requests(Fixture *f, gconstpointer data)
 
     /* Nothing of the refused requests stuck. */
     g_assert_cmpuint(virtio_mem_vmemmap_size(&f->vm), ==, 2 * MiB);
-    g_assert_cmpuint(f->vm.ranges->len, ==, 1);
+    g_assert_cmpuint(assert_invariants(&f->vm), ==, 1);
     g_assert_cmpstr(virtio_mem_vmemmap_check_str(VIRTIO_MEM_VMEMMAP_UNPLUGGED),
                     ==, "not plugged");
 }
@@ -182,7 +189,7 @@ static void test_clear(Fixture *f, gconstpointer data)
     g_assert_cmpuint(virtio_mem_vmemmap_size(&f->vm), ==, 16 * MiB);
     virtio_mem_vmemmap_clear(&f->vm);
     g_assert_cmpuint(virtio_mem_vmemmap_size(&f->vm), ==, 0);
-    g_assert_cmpuint(f->vm.ranges->len, ==, 0);
+    g_assert_cmpuint(assert_invariants(&f->vm), ==, 0);
     g_assert_cmpint(report(f, 0, 1 * MiB), ==, VIRTIO_MEM_VMEMMAP_OK);
 }
 
@@ -274,8 +281,7 @@ static void test_migration(Fixture *f, gconstpointer data)
     bitmap_set(dst_plugged, 0, 256 * MiB / BLOCK);
     g_assert_cmpint(migrate(&f->vm, &dst), ==, 0);
     g_assert_cmpuint(virtio_mem_vmemmap_size(&dst), ==, 4 * MiB);
-    g_assert_cmpuint(dst.ranges->len, ==, 2);
-    assert_invariants(&dst);
+    g_assert_cmpuint(assert_invariants(&dst), ==, 2);
 
     /* A stream claiming vmemmap on unplugged memory fails the load. */
     bitmap_clear(dst_plugged, 128 * MiB / BLOCK, 1);
@@ -286,6 +292,108 @@ static void test_migration(Fixture *f, gconstpointer data)
     virtio_mem_vmemmap_set_geometry(&dst, 64 * MiB, BLOCK, dst_plugged);
     g_assert_cmpint(migrate(&f->vm, &dst), !=, 0);
     virtio_mem_vmemmap_destroy(&dst);
+}
+
+/* Load a hand-made stream of @nr (start, size) pairs into @f's state. */
+static int load_raw(Fixture *f, int32_t nr, const uint64_t *pairs,
+                    int nr_pairs)
+{
+    g_autofree char *path = NULL;
+    QIOChannelFile *ioc;
+    QEMUFile *qf;
+    int fd, i, ret;
+
+    fd = g_file_open_tmp("vmemmap-XXXXXX", &path, NULL);
+    g_assert(fd >= 0);
+    ioc = qio_channel_file_new_fd(dup(fd));
+    qf = qemu_file_new_output(QIO_CHANNEL(ioc));
+    object_unref(OBJECT(ioc));
+    qemu_put_be32(qf, nr);
+    for (i = 0; i < nr_pairs * 2; i++) {
+        qemu_put_be64(qf, pairs[i]);
+    }
+    qemu_put_byte(qf, 0);
+    qemu_fclose(qf);
+
+    lseek(fd, 0, SEEK_SET);
+    ioc = qio_channel_file_new_fd(fd);
+    qf = qemu_file_new_input(QIO_CHANNEL(ioc));
+    object_unref(OBJECT(ioc));
+    ret = vmstate_load_state(qf, &vmstate_virtio_mem_vmemmap, &f->vm, 1);
+    qemu_fclose(qf);
+    unlink(path);
+    return ret;
+}
+
+/* The destination accepts only what a sequence of requests could make. */
+static void test_migration_untrusted(Fixture *f, gconstpointer data)
+{
+    const uint64_t good[] = { 0, 8 * KiB, 16 * KiB, 4 * KiB };
+    const uint64_t unsorted[] = { 16 * KiB, 4 * KiB, 0, 8 * KiB };
+    const uint64_t adjacent[] = { 0, 8 * KiB, 8 * KiB, 4 * KiB };
+    const uint64_t overlapping[] = { 0, 8 * KiB, 4 * KiB, 8 * KiB };
+
+    plug(f, 0, 4 * MiB);
+    g_assert_cmpint(load_raw(f, 2, good, 2), ==, 0);
+    g_assert_cmpuint(virtio_mem_vmemmap_size(&f->vm), ==, 12 * KiB);
+    g_assert_cmpuint(assert_invariants(&f->vm), ==, 2);
+
+    g_assert_cmpint(load_raw(f, 2, unsorted, 2), ==, -EINVAL);
+    g_assert_cmpuint(virtio_mem_vmemmap_size(&f->vm), ==, 0);
+    g_assert_cmpint(load_raw(f, 2, adjacent, 2), ==, -EINVAL);
+    g_assert_cmpint(load_raw(f, 2, overlapping, 2), ==, -EINVAL);
+    g_assert_cmpuint(virtio_mem_vmemmap_size(&f->vm), ==, 0);
+
+    /* A count no region can hold is refused before anything is read. */
+    g_assert_cmpint(load_raw(f, REGION / (8 * KiB) + 1, good, 2), ==,
+                    -EINVAL);
+    g_assert_cmpint(load_raw(f, -1, good, 2), ==, -EINVAL);
+    /* A count larger than what follows ends in a stream error. */
+    g_assert_cmpint(load_raw(f, 3, good, 2), !=, 0);
+    g_assert_cmpuint(virtio_mem_vmemmap_size(&f->vm), ==, 0);
+    g_assert_cmpuint(assert_invariants(&f->vm), ==, 0);
+}
+
+/* Without accounting, nothing can be marked and no state is accepted. */
+static void test_disabled(Fixture *f, gconstpointer data)
+{
+    const uint64_t good[] = { 0, 8 * KiB };
+
+    virtio_mem_vmemmap_destroy(&f->vm);
+    plug(f, 0, 4 * MiB);
+    g_assert_false(virtio_mem_vmemmap_enabled(&f->vm));
+    g_assert_cmpint(report(f, 0, 4 * KiB), ==, VIRTIO_MEM_VMEMMAP_DISABLED);
+    g_assert_cmpuint(virtio_mem_vmemmap_unmark(&f->vm, 0, REGION), ==, 0);
+    virtio_mem_vmemmap_clear(&f->vm);
+    g_assert_cmpint(load_raw(f, 1, good, 1), ==, -EINVAL);
+    g_assert_cmpuint(virtio_mem_vmemmap_size(&f->vm), ==, 0);
+    /* The worst case a region can hold is one run per two pages. */
+    virtio_mem_vmemmap_set_geometry(&f->vm, REGION, BLOCK, f->plugged);
+    g_assert_cmpuint(virtio_mem_vmemmap_max_ranges(&f->vm), ==,
+                     REGION / (8 * KiB));
+}
+
+/*
+ * The most fragmented state a guest can make: every other page marked,
+ * in descending order.  The state is the bitmap, whatever the pattern.
+ */
+static void test_worst_pattern(Fixture *f, gconstpointer data)
+{
+    const uint64_t span = 64 * MiB;
+    uint64_t off;
+
+    plug(f, 0, span);
+    for (off = span - 8 * KiB; ; off -= 8 * KiB) {
+        g_assert_cmpint(report(f, off, 4 * KiB), ==, VIRTIO_MEM_VMEMMAP_OK);
+        if (!off) {
+            break;
+        }
+    }
+    g_assert_cmpuint(virtio_mem_vmemmap_size(&f->vm), ==, span / 2);
+    g_assert_cmpuint(assert_invariants(&f->vm), ==, span / (8 * KiB));
+    /* One unplug drops all of it in one pass. */
+    g_assert_cmpuint(virtio_mem_vmemmap_unmark(&f->vm, 0, span), ==, span / 2);
+    g_assert_cmpuint(assert_invariants(&f->vm), ==, 0);
 }
 
 int main(int argc, char **argv)
@@ -304,6 +412,9 @@ int main(int argc, char **argv)
     ADD("clear", test_clear);
     ADD("random", test_random);
     ADD("migration", test_migration);
+    ADD("migration-untrusted", test_migration_untrusted);
+    ADD("disabled", test_disabled);
+    ADD("worst-pattern", test_worst_pattern);
 #undef ADD
     return g_test_run();
 }

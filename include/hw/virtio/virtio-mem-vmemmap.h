@@ -3,11 +3,17 @@
  *
  * A driver that negotiated VIRTIO_MEM_F_VMEMMAP tells the device which
  * plugged byte ranges it uses for its own memory map (Linux:
- * memory_hotplug.memmap_on_memory).  The device keeps that set of ranges
- * exactly, in bytes, always as a subset of the plugged memory, and reports
+ * memory_hotplug.memmap_on_memory).  The device keeps that set exactly, at
+ * 4 KiB granularity, always as a subset of the plugged memory, and reports
  * its total beside the plugged size.  See docs/specs/virtio-mem-vmemmap.rst.
  *
- * This file only knows ranges; it does not know the device.  The device
+ * The set is a bitmap with one bit per 4 KiB page of the device's memory
+ * region, allocated when the device is configured for accounting.  What
+ * the device holds is therefore fixed by its configuration (1 bit per
+ * 4 KiB, 32 KiB per GiB of region) and no guest can make it larger; a
+ * request costs one pass over the bitmap words it covers.
+ *
+ * This file only knows pages; it does not know the device.  The device
  * passes what it knows (usable region, block size, plugged bitmap).
  *
  * Copyright (c) 2026 The virtio-mem-vmemmap authors
@@ -23,29 +29,20 @@
 /* Granularity of a vmemmap range: the smallest page size of any guest. */
 #define VIRTIO_MEM_VMEMMAP_ALIGN 4096
 
-/* A range, as an offset into the device's memory region. */
-typedef struct VirtIOMEMVmemmapRange {
-    uint64_t start;
-    uint64_t size;
-} VirtIOMEMVmemmapRange;
-
 typedef struct VirtIOMEMVmemmap {
-    /* VirtIOMEMVmemmapRange, sorted, disjoint and never adjacent. */
-    GArray *ranges;
-    /* Total of all ranges, in bytes. */
+    /* One bit per VIRTIO_MEM_VMEMMAP_ALIGN bytes of the region. */
+    unsigned long *bitmap;
+    uint64_t nr_pages;
+    /* Total of all marked bytes. */
     uint64_t size;
 
-    /* Geometry, set by the device for validating a migration stream. */
+    /* Geometry, set by the device. */
     uint64_t region_size;
     uint64_t block_size;
     const unsigned long *plugged;
-
-    /* Flat copy of @ranges, valid only while saving or loading. */
-    int32_t mig_nr_ranges;
-    VirtIOMEMVmemmapRange *mig_ranges;
 } VirtIOMEMVmemmap;
 
-/* Why a VIRTIO_MEM_REQ_VMEMMAP request is refused (or not). */
+/* Why a range may not be marked (or loaded). */
 typedef enum VirtIOMEMVmemmapCheck {
     VIRTIO_MEM_VMEMMAP_OK = 0,
     VIRTIO_MEM_VMEMMAP_EMPTY,
@@ -54,20 +51,28 @@ typedef enum VirtIOMEMVmemmapCheck {
     VIRTIO_MEM_VMEMMAP_OUTSIDE,
     VIRTIO_MEM_VMEMMAP_UNPLUGGED,
     VIRTIO_MEM_VMEMMAP_OVERLAP,
+    VIRTIO_MEM_VMEMMAP_UNORDERED,
+    VIRTIO_MEM_VMEMMAP_DISABLED,
 } VirtIOMEMVmemmapCheck;
 
 void virtio_mem_vmemmap_init(VirtIOMEMVmemmap *vm);
 void virtio_mem_vmemmap_destroy(VirtIOMEMVmemmap *vm);
 
 /*
- * Describe the device to the range set: region size, block size and the
- * bitmap of plugged blocks (bit set == plugged).  Used by
- * virtio_mem_vmemmap_check() callers and by migration.
+ * Enable accounting for a region of @region_size bytes made of blocks of
+ * @block_size, with @plugged the device's bitmap of plugged blocks (bit
+ * set == plugged).  Allocates region_size / 32768 bytes.  Without this
+ * call every range is refused with VIRTIO_MEM_VMEMMAP_DISABLED.
  */
 void virtio_mem_vmemmap_set_geometry(VirtIOMEMVmemmap *vm,
                                      uint64_t region_size,
                                      uint64_t block_size,
                                      const unsigned long *plugged);
+
+static inline bool virtio_mem_vmemmap_enabled(const VirtIOMEMVmemmap *vm)
+{
+    return vm->bitmap;
+}
 
 /*
  * May [@addr, @addr + @size) (guest physical) be marked?  @base is the
@@ -79,7 +84,7 @@ VirtIOMEMVmemmapCheck virtio_mem_vmemmap_check(const VirtIOMEMVmemmap *vm,
                                                uint64_t addr, uint64_t size);
 const char *virtio_mem_vmemmap_check_str(VirtIOMEMVmemmapCheck check);
 
-/* Mark a range that virtio_mem_vmemmap_check() accepted. */
+/* Mark a range (offset into the region) that the check accepted. */
 void virtio_mem_vmemmap_mark(VirtIOMEMVmemmap *vm, uint64_t start,
                              uint64_t size);
 /* Unmark everything inside [@start, @start + @size); returns the bytes. */
@@ -97,8 +102,36 @@ bool virtio_mem_vmemmap_intersects(const VirtIOMEMVmemmap *vm,
                                    uint64_t start, uint64_t size);
 
 /*
- * Migration: the ranges as a flat array.  Loading fails unless every range
- * is aligned, inside the region, sorted, disjoint and plugged.
+ * The first maximal run of marked bytes that ends after @offset, as
+ * @start and @size; false if there is none.  Runs are what migration
+ * sends and what tools show: sorted, disjoint and never adjacent.
+ */
+bool virtio_mem_vmemmap_next_range(const VirtIOMEMVmemmap *vm,
+                                   uint64_t offset, uint64_t *start,
+                                   uint64_t *size);
+uint64_t virtio_mem_vmemmap_nr_ranges(const VirtIOMEMVmemmap *vm);
+
+/*
+ * The most runs a region can hold: they are never adjacent, so one per
+ * two pages.  Bounds what a migration stream may claim.
+ */
+uint64_t virtio_mem_vmemmap_max_ranges(const VirtIOMEMVmemmap *vm);
+
+/*
+ * Loading runs one by one from an untrusted source: each must be one
+ * that the check accepts and start after the end of the one before it
+ * plus at least one page (@cursor, 0 before the first).  Marks it and
+ * advances @cursor, or changes nothing and says why.
+ */
+VirtIOMEMVmemmapCheck virtio_mem_vmemmap_load_range(VirtIOMEMVmemmap *vm,
+                                                    uint64_t *cursor,
+                                                    uint64_t start,
+                                                    uint64_t size);
+
+/*
+ * Migration: the runs as a count and (start, size) pairs, written from
+ * the bitmap and read back through virtio_mem_vmemmap_load_range(), so
+ * neither side ever holds a copy.  virtio-mem-vmemmap-migration.c.
  */
 extern const VMStateDescription vmstate_virtio_mem_vmemmap;
 
