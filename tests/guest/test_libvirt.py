@@ -23,6 +23,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ET
@@ -161,9 +162,12 @@ class Libvirtd:
                     os.kill(pid, signal.SIGKILL)
             if not os.environ.get('VMTEST_KEEP'):
                 shutil.rmtree(self.tmp, ignore_errors=True)
-        for p in sorted(machine_partitions() - self.partitions):
-            with contextlib.suppress(OSError):
-                os.rmdir(p)
+        # Domain cgroups libvirtd left behind (a domain destroyed while it
+        # booted) go too; rmdir takes only empty cgroups.
+        for p in machine_partitions() - self.partitions:
+            for d, _, _ in sorted(os.walk(p), reverse=True):
+                with contextlib.suppress(OSError):
+                    os.rmdir(d)
         for d in self.created:
             with contextlib.suppress(OSError):
                 os.rmdir(d)
@@ -437,6 +441,8 @@ def tool_resize(daemon, g, requested, base, tool_base_):
 
 def main():
     require_kit()
+    # A stopped test stops its domain and daemon too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     t = Tests()
     with Libvirtd() as daemon:
         log(f'libvirtd {daemon.virsh("version", "--daemon").split()[-1]} '
