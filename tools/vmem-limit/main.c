@@ -158,6 +158,24 @@ static void say(const char *fmt, ...)
     fflush(stdout);
 }
 
+/* Adds a sentence to an error's message: what became of the limit. */
+static void error_add(GError *err, const char *fmt, ...) G_GNUC_PRINTF(2, 3);
+static void error_add(GError *err, const char *fmt, ...)
+{
+    g_autofree char *more = NULL;
+    char *msg;
+    va_list ap;
+
+    va_start(ap, fmt);
+    more = g_strdup_vprintf(fmt, ap);
+    va_end(ap);
+    msg = g_strdup_printf("%s%s %s", err->message,
+                          g_str_has_suffix(err->message, "?") ? "" : ".",
+                          more);
+    g_free(err->message);
+    err->message = msg;
+}
+
 static const VmemDevice *find_device(GPtrArray *devs, const char *id)
 {
     guint i;
@@ -291,7 +309,8 @@ static gboolean apply_limit(Ctx *c, guint64 want, const char *why,
     if (!c->t->set_limit(c->t, want, errp)) {
         return FALSE;
     }
-    say("%sed %s from %s to %s%s%s (%s)", verb, c->t->limit_name, hard_s,
+    say("%s %s from %s to %s%s%s (%s)", want > hard ? "raised" :
+        want < hard ? "lowered" : "set", c->t->limit_name, hard_s,
         want_s, c->t->soft_name ? " and " : "",
         c->t->soft_name ? c->t->soft_name : "", why);
     return TRUE;
@@ -538,14 +557,14 @@ static int cmd_resize(Ctx *c, const char *id, const char *size_arg,
             g_autofree char *hard_s = vmem_fmt_size(hard);
 
             if (c->t->set_limit(c->t, hard, &undo)) {
-                g_prefix_error(&err, "(limit restored to %s) ", hard_s);
+                error_add(err, "The limit is back at %s", hard_s);
             } else {
-                g_prefix_error(&err, "(could not restore the limit to %s: "
-                               "%s) ", hard_s, undo->message);
+                error_add(err, "Could not put the limit back at %s: %s",
+                          hard_s, undo->message);
             }
         } else if (raised) {
-            g_prefix_error(&err, "(the limit stays raised: the request may "
-                           "have reached QEMU) ");
+            error_add(err, "The limit stays raised: the request may have "
+                      "reached the device");
         }
         g_propagate_error(errp, err);
         return 1;
@@ -605,7 +624,7 @@ static int cmd_follow(Ctx *c, GError **errp)
         if (!c->t->wait_event(c->t, interval_ms, &changed, errp)) {
             g_autofree char *last_s = vmem_fmt_size(last);
 
-            g_prefix_error(errp, "(the limit stays at %s) ", last_s);
+            error_add(*errp, "The limit stays at %s", last_s);
             return 1;
         }
         /*
