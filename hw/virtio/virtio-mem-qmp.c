@@ -15,6 +15,7 @@
 
 #include "qemu/osdep.h"
 #include "qemu/bitops.h"
+#include "qemu/host-utils.h"
 #include "qemu/units.h"
 #include "qapi/error.h"
 #include "qapi/qapi-commands-machine.h"
@@ -38,23 +39,28 @@ static int virtio_mem_resident(VirtIOMEM *vmem, uint64_t offset,
                                Error **errp)
 {
     const size_t page = qemu_real_host_page_size();
+    const size_t vec_len = VIRTIO_MEM_FOOTPRINT_CHUNK / page;
     uint8_t *host = memory_region_get_ram_ptr(&vmem->memdev->mr);
-    g_autofree unsigned char *vec =
-        g_malloc(VIRTIO_MEM_FOOTPRINT_CHUNK / page);
+    g_autofree uint64_t *vec = g_malloc(ROUND_UP(vec_len, 8));
     uint64_t done;
 
     *resident = 0;
     for (done = 0; done < size; done += VIRTIO_MEM_FOOTPRINT_CHUNK) {
         const uint64_t len = MIN(size - done, VIRTIO_MEM_FOOTPRINT_CHUNK);
-        uint64_t i;
+        const size_t pages = DIV_ROUND_UP(len, page);
+        size_t i;
 
-        if (mincore(host + offset + done, len, vec)) {
+        memset(vec, 0, ROUND_UP(pages, 8));
+        if (mincore(host + offset + done, len, (unsigned char *)vec)) {
             error_setg_errno(errp, errno, "mincore() on the memory of"
                              " virtio-mem device failed");
             return -errno;
         }
-        for (i = 0; i < DIV_ROUND_UP(len, page); i++) {
-            *resident += (vec[i] & 1) ? page : 0;
+        /* One byte per page, bit 0 set if resident: eight pages a word. */
+        for (i = 0; i < DIV_ROUND_UP(pages, 8); i++) {
+            if (vec[i]) {
+                *resident += ctpop64(vec[i] & 0x0101010101010101ULL) * page;
+            }
         }
     }
     return 0;

@@ -850,6 +850,122 @@ static void test_worst_pattern(void)
     dev_stop(d);
 }
 
+/* The footprint entry of vm0; caller unrefs. */
+static QDict *query_footprint(QTestState *qts)
+{
+    QDict *rsp = qtest_qmp(qts, "{ 'execute': 'query-virtio-mem-footprint' }");
+    QList *list = qdict_get_qlist(rsp, "return");
+    QDict *fp;
+
+    g_assert_cmpint(qlist_size(list), ==, 1);
+    fp = qobject_to(QDict, qlist_peek(list));
+    g_assert_cmpstr(qdict_get_str(fp, "id"), ==, "vm0");
+    qobject_ref(fp);
+    qobject_unref(rsp);
+    return fp;
+}
+
+static void assert_footprint(Dev *d, uint64_t plugged_resident,
+                             uint64_t unplugged_resident)
+{
+    QDict *fp = query_footprint(d->qts);
+    g_autofree char *hmp = qtest_hmp(d->qts, "info virtio-mem-footprint");
+    g_autofree char *line = g_strdup_printf("  unplugged-resident: %" PRIu64,
+                                            unplugged_resident);
+
+    g_assert_cmpuint(qdict_get_int(fp, "size"), ==,
+                     qom_get_u64(d->qts, "size"));
+    g_assert_cmpuint(qdict_get_int(fp, "plugged-resident"), ==,
+                     plugged_resident);
+    g_assert_cmpuint(qdict_get_int(fp, "unplugged-resident"), ==,
+                     unplugged_resident);
+    g_assert_nonnull(strstr(hmp, line));
+    qobject_unref(fp);
+}
+
+/* Touch @size bytes at @offset of the device's memory, as a guest would. */
+static void touch(Dev *d, uint64_t offset, uint64_t size)
+{
+    qtest_memset(d->qts, d->addr + offset, 0x5a, size);
+}
+
+/*
+ * The host measures what is resident: in plugged blocks what the guest
+ * wrote, in unplugged blocks nothing, unless a guest writes to memory it
+ * does not have; that is counted, and a scrub discards it again.
+ */
+static void test_footprint(void)
+{
+    Dev *d = dev_start("vmemmap-accounting=on,block-size=2M", true);
+    QDict *rsp;
+
+    set_requested(d, 64 * MiB);
+    assert_footprint(d, 0, 0);
+    g_assert_cmpint(plug(d, 0, 8 * MiB), ==, VIRTIO_MEM_RESP_ACK);
+    touch(d, 0, 6 * MiB);
+    assert_footprint(d, 6 * MiB, 0);
+
+    /* Unplug discards: nothing stays resident. */
+    g_assert_cmpint(unplug(d, 4 * MiB, 4 * MiB), ==, VIRTIO_MEM_RESP_ACK);
+    assert_footprint(d, 4 * MiB, 0);
+
+    /*
+     * A misbehaving guest writes to unplugged memory (whole blocks: the
+     * host may back them with huge pages, which a smaller write would
+     * make resident whole).
+     */
+    touch(d, 4 * MiB, 2 * MiB);
+    touch(d, 32 * MiB, 2 * MiB);
+    assert_footprint(d, 4 * MiB, 4 * MiB);
+    rsp = qtest_qmp(d->qts, "{ 'execute': 'x-virtio-mem-scrub', 'arguments':"
+                    " { 'qom-path': '/machine/peripheral/vm0' } }");
+    g_assert_cmpuint(qdict_get_int(qdict_get_qdict(rsp, "return"),
+                                   "discarded"), ==, 4 * MiB);
+    qobject_unref(rsp);
+    assert_footprint(d, 4 * MiB, 0);
+
+    /* Errors name what is wrong. */
+    rsp = qtest_qmp(d->qts, "{ 'execute': 'x-virtio-mem-scrub', 'arguments':"
+                    " { 'qom-path': '/machine/nothing' } }");
+    g_assert_cmpstr(qdict_get_str(qdict_get_qdict(rsp, "error"), "desc"), ==,
+                    "no object at '/machine/nothing'");
+    qobject_unref(rsp);
+    rsp = qtest_qmp(d->qts, "{ 'execute': 'x-virtio-mem-scrub', 'arguments':"
+                    " { 'qom-path': '/machine' } }");
+    g_assert_cmpstr(qdict_get_str(qdict_get_qdict(rsp, "error"), "desc"), ==,
+                    "'/machine' is not a virtio-mem device");
+    qobject_unref(rsp);
+    dev_stop(d);
+}
+
+/*
+ * A scan of a 1 TiB device: time and memory are bounded by the region
+ * size, not by what the guest did.  Logged for the documentation.
+ */
+static void test_footprint_large(void)
+{
+    g_autofree char *args =
+        g_strdup_printf("-machine pc -cpu qemu64,phys-bits=42"
+                        " -m 128M,maxmem=%" PRIu64
+                        " -object memory-backend-ram,id=mem0,size=%" PRIu64
+                        ",reserve=off -device virtio-mem-pci,id=vm0,"
+                        "memdev=mem0,vmemmap-accounting=on",
+                        128 * MiB + 1024 * GiB, 1024 * GiB);
+    QTestState *qts = qtest_init(args);
+    uint64_t rss = qemu_rss(qts);
+    gint64 t = g_get_monotonic_time();
+    QDict *fp = query_footprint(qts);
+
+    t = g_get_monotonic_time() - t;
+    g_test_message("footprint of a 1 TiB device: %.1f ms, QEMU RSS %+"
+                   PRId64 " KiB", t / 1000.0,
+                   ((int64_t)qemu_rss(qts) - (int64_t)rss) / (int64_t)KiB);
+    g_assert_cmpuint(qdict_get_int(fp, "region-size"), ==, 1024 * GiB);
+    g_assert_cmpuint(qdict_get_int(fp, "unplugged-resident"), ==, 0);
+    qobject_unref(fp);
+    qtest_quit(qts);
+}
+
 /*
  * Compatibility with stock QEMU: STOCK_BINARY names a qemu-system-x86_64
  * built from the same base without this series.  With the property off
@@ -1241,6 +1357,9 @@ int main(int argc, char **argv)
                    test_migration_to_off);
     qtest_add_func("/virtio-mem-vmemmap/busy", test_busy);
     qtest_add_func("/virtio-mem-vmemmap/worst-pattern", test_worst_pattern);
+    qtest_add_func("/virtio-mem-vmemmap/footprint", test_footprint);
+    qtest_add_func("/virtio-mem-vmemmap/footprint-large",
+                   test_footprint_large);
     qtest_add_func("/virtio-mem-vmemmap/compat/migration-to-stock",
                    test_migration_to_stock);
     qtest_add_func("/virtio-mem-vmemmap/upstream-options",
