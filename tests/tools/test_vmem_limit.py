@@ -15,7 +15,9 @@ the harness's Cgroup found), through a second QMP monitor of the guest.
    lost in follow mode: each a non-zero exit with its documented code, a
    sentence naming the object, and the limit unchanged;
 4. follow mode, events only, tracks a resize done by someone else's
-   qom-set, and never lowers below base + size + margin.
+   qom-set, and never lowers below base + size + margin;
+and, where the host's memory controller is v1, the v2 rules on a
+directory holding v2's files.
 """
 
 import contextlib
@@ -327,6 +329,51 @@ def lost_in_follow(vm, base):
     check(vm.limit() == limit, f'limit {vm.limit()} != {limit}')
 
 
+def cgroup_v2_files(vm, base):
+    """Where the host has no v2 memory controller (this one has v1), the
+    v2 rules run on a directory holding v2's files: memory.max and
+    memory.high both set, a lowering below memory.current refused."""
+    if vm.cg.version == 2:
+        log('the guest runs in a real cgroup v2: nothing more to show')
+        return
+    d = tempfile.mkdtemp(prefix='vmem-limit-v2-')
+    # The tool writes only the stand-in: lift the real limit meanwhile,
+    # or the guest is OOM-killed by a grow its real limit never saw.
+    vm.cg.set_limit(None)
+
+    def put(name, value):
+        with open(os.path.join(d, name), 'w') as f:
+            f.write(f'{value}\n')
+
+    def get(name):
+        with open(os.path.join(d, name)) as f:
+            return f.read().strip()
+    try:
+        put('memory.current', vm.g.charge())
+        put('memory.max', 'max')
+        put('memory.high', 'max')
+        for req in (256 * MiB, 0):
+            vm.tool('--base', str(base), 'resize', 'vm0', str(req), cgroup=d)
+            check(get('memory.max') == get('memory.high') ==
+                  str(want(base, req)),
+                  f'v2 after resize to {req}: memory.max {get("memory.max")}'
+                  f', memory.high {get("memory.high")}, want '
+                  f'{want(base, req)}')
+            vm.g.wait_guest_at_rest()
+        put('memory.current', want(base, 0) + 32 * MiB)
+        p = vm.tool('--base', str(base), '--margin', '0', 'follow', '--once',
+                    cgroup=d, expect=7)
+        check(get('memory.max') == get('memory.high') == str(want(base, 0)),
+              'v2: limit changed by a refused lowering')
+        check('not lowering' in p.stderr and 'memory.current' in p.stderr,
+              p.stderr)
+    finally:
+        for f in os.listdir(d):
+            os.unlink(os.path.join(d, f))
+        os.rmdir(d)
+        vm.tool('--base', str(base), 'follow', '--once')
+
+
 # --- 4 ------------------------------------------------------------------
 
 def follow_others(vm, base):
@@ -384,6 +431,9 @@ def main():
                lambda: hold_through_grow_touch_shrink(vm, base))
         t.case('follow tracks a qom-set by someone else (events only)',
                lambda: follow_others(vm, base))
+        t.case('cgroup v2 rules on v2 files: memory.max and memory.high, '
+               'no lowering below memory.current',
+               lambda: cgroup_v2_files(vm, base))
         t.case('errors: socket, cgroup, permission, usage; limit unchanged',
                lambda: error_paths(vm, base))
         t.case('follow: QMP lost is exit 4, limit unchanged',

@@ -104,7 +104,7 @@ static gboolean cgroup_write(Cgroup *cg, const char *file, guint64 val,
 
     text = val == VMEM_UNLIMITED ? g_strdup(cg->version == 2 ? "max" : "-1")
                                  : g_strdup_printf("%" G_GUINT64_FORMAT, val);
-    fd = open(path, O_WRONLY | O_CLOEXEC);
+    fd = open(path, O_WRONLY | O_TRUNC | O_CLOEXEC);
     if (fd < 0) {
         return cgroup_errno(cg, file, errno, "write", errp);
     }

@@ -301,18 +301,16 @@ static gboolean apply_limit(Ctx *c, guint64 want, const char *why,
     }
     verb = want > hard ? "raise" : want < hard ? "lower" : "set";
     if (c->dry_run) {
-        say("would %s %s from %s to %s%s%s (%s)", verb, c->t->limit_name,
-            hard_s, want_s, c->t->soft_name ? " and " : "",
-            c->t->soft_name ? c->t->soft_name : "", why);
+        say("would %s %s from %s to %s (%s)", verb, c->t->limit_name,
+            hard_s, want_s, why);
         return TRUE;
     }
     if (!c->t->set_limit(c->t, want, errp)) {
         return FALSE;
     }
-    say("%s %s from %s to %s%s%s (%s)", want > hard ? "raised" :
+    say("%s %s from %s to %s (%s)", want > hard ? "raised" :
         want < hard ? "lowered" : "set", c->t->limit_name, hard_s,
-        want_s, c->t->soft_name ? " and " : "",
-        c->t->soft_name ? c->t->soft_name : "", why);
+        want_s, why);
     return TRUE;
 }
 

@@ -54,10 +54,13 @@ static void lv_quiet(void *opaque, virErrorPtr e)
 static void lv_error(LvTarget *lt, GError **errp, int code, const char *doing)
 {
     virErrorPtr e = virGetLastError();
-    const char *msg = e && e->message ? e->message : "unknown libvirt error";
+    int ecode = e ? e->code : VIR_ERR_OK;
+    g_autofree char *msg = g_strdup(e && e->message ? e->message :
+                                    "unknown libvirt error");
     const char *hint = "";
 
-    switch (e ? e->code : VIR_ERR_OK) {
+    /* (virDomainIsActive below resets libvirt's last error) */
+    switch (ecode) {
     case VIR_ERR_OPERATION_DENIED:
     case VIR_ERR_AUTH_FAILED:
     case VIR_ERR_AUTH_CANCELLED:
@@ -82,7 +85,7 @@ static void lv_error(LvTarget *lt, GError **errp, int code, const char *doing)
     default:
         break;
     }
-    if (e && e->code == VIR_ERR_SYSTEM_ERROR && strstr(msg, "ermission")) {
+    if (ecode == VIR_ERR_SYSTEM_ERROR && strstr(msg, "ermission")) {
         code = VMEM_EXIT_PERMISSION;
         hint = "; run as root or as a user allowed on this libvirt socket";
     }
@@ -625,7 +628,8 @@ VmemTarget *vmem_target_libvirt_open(const char *uri, const char *domain,
         goto fail;
     }
     t->what = g_strdup_printf("libvirt domain %s (%s)", domain, uri);
-    t->limit_name = g_strdup_printf("hard_limit of domain %s", domain);
+    t->limit_name = g_strdup_printf("hard_limit and soft_limit of domain %s",
+                                    domain);
     t->soft_name = g_strdup("soft_limit");
     t->query = lv_query;
     t->resident = lv_resident;

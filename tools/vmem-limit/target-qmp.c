@@ -184,9 +184,11 @@ VmemTarget *vmem_target_qmp_open(const char *socket_path,
     t = g_new0(VmemTarget, 1);
     t->opaque = qt;
     t->what = g_strdup_printf("QMP socket %s", socket_path);
-    t->limit_name = g_strdup_printf("%s of cgroup %s (v%d)",
-                                    qt->cg->limit_file, cgroup_dir,
-                                    qt->cg->version);
+    t->limit_name = g_strdup_printf("%s%s%s of cgroup %s (v%d)",
+                                    qt->cg->limit_file,
+                                    qt->cg->soft_file ? " and " : "",
+                                    qt->cg->soft_file ? qt->cg->soft_file : "",
+                                    cgroup_dir, qt->cg->version);
     t->soft_name = g_strdup(qt->cg->soft_file);
     t->query = qmp_target_query;
     t->resident = qmp_target_resident;

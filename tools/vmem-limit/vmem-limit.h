@@ -51,7 +51,7 @@ void vmem_device_free(VmemDevice *d);
 typedef struct VmemTarget VmemTarget;
 struct VmemTarget {
     char *what;             /* "QMP socket X" / "libvirt domain D" */
-    char *limit_name;       /* "memory.max of cgroup DIR" ... */
+    char *limit_name;       /* "memory.max and memory.high of cgroup DIR" */
     char *soft_name;        /* name of the soft limit written with it, or NULL */
 
     /* Every virtio-mem device, fresh from the VMM. */
