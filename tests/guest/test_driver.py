@@ -14,11 +14,12 @@ MemTotal gain == size - vmemmap-size, the guest's own count of memmap
 bytes == vmemmap-size, and a clean guest log.
 """
 
+import re
 import time
 
 from scenarios import capacity, device_has, guest_for
-from vmtest import (STOCK_QEMU, GiB, Guest, HarnessError, MiB, Tests, check,
-                    log, poll)
+from vmtest import (STOCK_QEMU, GiB, Guest, HarnessError, MiB, Tests,
+                    TraceLog, check, log, poll)
 
 MB = 128 * MiB          # Linux memory block on x86-64
 VMEMMAP = 2 * MiB       # memmap of one memory block
@@ -248,6 +249,156 @@ def test_device_without_feature():
             'on the blocks, none reported')
 
 
+def zone_memmap(g, zone='Movable'):
+    """What mm reports of the memmap it placed on hot-added memory: all
+    of ZONE_MOVABLE here is hot-added, and of its present pages only the
+    memmap (self-hosted) is not managed by the buddy."""
+    out = g.run('cat /proc/zoneinfo', check=True)[1]
+    total = 0
+    for sec in re.split(r'^Node \d+, zone\s+', out, flags=re.M)[1:]:
+        if sec.split()[0] != zone:
+            continue
+        f = dict(re.findall(r'^\s+(present|managed)\s+(\d+)$', sec, re.M))
+        total += (int(f.get('present', 0)) - int(f.get('managed', 0))) * 4096
+    return total
+
+
+def test_mm_placement():
+    # The driver computes the memmap size per memory block and checks it
+    # against what mm says it placed before a block gets onlined; it says
+    # so once.  What mm reports (present but unmanaged pages of
+    # ZONE_MOVABLE) must equal the device's vmemmap-size and the
+    # driver's own count.
+    line = (f'memmap_on_memory: mm placed {VMEMMAP:#x} bytes of memmap on a '
+            'memory block, as computed')
+    for bbm in (False, True):
+        mod = {'force_bbm': 1} if bbm else None
+        mode = 'BBM' if bbm else 'SBM'
+        with guest_for('project', f'drv-mm-{mode.lower()}', '512M', '2G',
+                       modparams=mod) as g:
+            base = g.mem_total()
+            check(zone_memmap(g) == 0, 'ZONE_MOVABLE holds memmap at boot')
+            g.resize(1 * GiB)
+            expect_state(g, base, 1 * GiB)
+            said_once(g, line)
+            mm = zone_memmap(g)
+            log(f'{mode}: mm reports {mm >> 20} MiB of memmap in '
+                f'ZONE_MOVABLE, device {g.vmemmap_size() >> 20} MiB, '
+                f'driver {guest_vmemmap(g) >> 20} MiB')
+            check(mm == g.vmemmap_size() == guest_vmemmap(g),
+                  f'mm placed {mm} bytes of memmap, device says '
+                  f'{g.vmemmap_size()}, driver {guest_vmemmap(g)}')
+            g.resize(0)
+            expect_state(g, base, 0)
+            check(zone_memmap(g) == 0, 'memmap left in ZONE_MOVABLE')
+
+
+BUSY_EVENTS = ('virtio_mem_plug_request', 'virtio_mem_unplug_request',
+               'virtio_mem_vmemmap_request', 'virtio_mem_send_response')
+RESP_BUSY = 2           # VIRTIO_MEM_RESP_BUSY
+
+
+def busy_answers(events):
+    """Of the traced requests, how many the device answered BUSY, per
+    request event."""
+    busy, last = {}, None
+    for event, args in events:
+        if event != 'virtio_mem_send_response':
+            last = event
+            continue
+        if last and args.get('type') == RESP_BUSY:
+            busy[last] = busy.get(last, 0) + 1
+        last = None
+    return busy
+
+
+def migrating(g, trace, what, seen, during=None, timeout=60):
+    """Start a migration that cannot finish soon (to a pipe, at 1 MiB/s),
+    run `during` while it is active, wait up to `timeout` seconds for the
+    device to answer the guest BUSY to `what` (an event name), then cancel
+    it.  `seen` collects the BUSY answers per request; returns whether
+    `what` was answered BUSY."""
+    g.vm.cmd('migrate-set-parameters', **{'max-bandwidth': MiB})
+    g.vm.cmd('migrate', uri='exec:cat > /dev/null')
+
+    def busy():
+        for k, v in busy_answers(trace.take()).items():
+            seen[k] = seen.get(k, 0) + v
+        return seen.get(what)
+    try:
+        poll(lambda: g.vm.cmd('query-migrate').get('status') == 'active',
+             30, 'migration to start')
+        if during:
+            during()
+        poll(busy, timeout, f'a BUSY answer to {what}')
+    except HarnessError:
+        pass
+    finally:
+        g.vm.cmd('migrate_cancel')
+        poll(lambda: g.vm.cmd('query-migrate').get('status') == 'cancelled',
+             30, 'migration to cancel')
+    return bool(seen.get(what))
+
+
+def test_busy_retry():
+    # The device answers BUSY while a migration runs.  Memory the guest
+    # plugged (ACKed) just before must still get its memmap reported once
+    # the migration is over, by the driver's retry: every plugged memory
+    # block ends up marked.
+    trace = TraceLog(BUSY_EVENTS)
+    try:
+        with guest_for('project', 'drv-busy', '512M', '4G',
+                       extra_args=trace.args()) as g:
+            base = g.mem_total()
+            # The migration must catch the guest plugging: start it right
+            # after the request, and try again if plugging was faster.
+            for attempt in range(1, 4):
+                seen = {}
+                trace.take()
+                g.qom_set('requested-size', 3 * GiB)
+                caught = migrating(g, trace, 'virtio_mem_plug_request', seen,
+                                   timeout=10)
+                log(f'attempt {attempt}: {g.qom_get("size") >> 20} MiB '
+                    f'plugged, vmemmap-size {g.vmemmap_size() >> 20} MiB '
+                    f'when the migration was cancelled; BUSY answers '
+                    f'{seen}')
+                # The driver retries on its timer (50 s).
+                poll(lambda: g.qom_get('size') == 3 * GiB, 300,
+                     'size == 3 GiB')
+                expect_state(g, base, 3 * GiB, timeout=180)
+                g.resize(0)
+                expect_state(g, base, 0)
+                if caught:
+                    break
+            check(caught, 'the migration never caught the guest plugging')
+
+        # Deterministic: memory added offline is reported only once mm
+        # showed where it placed the memmap, i.e. when it is onlined;
+        # online it while the device is busy.
+        with guest_for('project', 'drv-busy-offline', '512M', '4G',
+                       online='offline', extra_args=trace.args()) as g:
+            base = g.mem_total()
+            seen = {}
+            g.qom_set('requested-size', 512 * MiB)
+            poll(lambda: g.qom_get('size') == 512 * MiB, 60,
+                 'size == 512 MiB')
+            check(g.vmemmap_size() == 0,
+                  f'vmemmap-size {g.vmemmap_size()} before mm placed any')
+            online = ('for f in /sys/devices/system/memory/memory*/state; '
+                      'do grep -q offline $f && echo online_movable > $f; '
+                      'done; true')
+            migrating(g, trace, 'virtio_mem_vmemmap_request', seen,
+                      during=lambda: g.run(online, check=True))
+            log(f'onlined during migration: vmemmap-size '
+                f'{g.vmemmap_size() >> 20} MiB when it was cancelled; '
+                f'BUSY answers {seen}')
+            expect_state(g, base, 512 * MiB, timeout=180)
+            g.resize(0)
+            expect_state(g, base, 0)
+    finally:
+        trace.remove()
+
+
 def test_capacity():
     stock = capacity('stock', want=16 * GiB, mem='128M', quiet=15)
     proj = capacity('project', want=16 * GiB, mem='128M', quiet=15)
@@ -280,6 +431,10 @@ def main():
            test_memmap_off)
     t.case('device without the feature: memmap on the block, unreported',
            test_device_without_feature)
+    t.case('memmap placement checked against mm, SBM and BBM',
+           test_mm_placement)
+    t.case('BUSY during migration: plugged memory gets reported later',
+           test_busy_retry)
     t.case('128 MiB guest plugs 16 GiB (stock measured beside it)',
            test_capacity)
     t.done()
