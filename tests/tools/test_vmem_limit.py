@@ -420,6 +420,7 @@ def main():
         raise HarnessError(f'{TOOL} missing: run scripts/build-tools')
     t = Tests()
     with Vm('vmem-limit') as vm:
+        vm.tool('show')
         info = vm.show()
         base = info['base']
         log(f'measured base {base} ({info["base-source"]}), margin '

@@ -17,7 +17,7 @@
 #include "vmem-limit.h"
 #include "cgroup.h"
 
-/* v1 reports "no limit" as a page-rounded LONG_MAX; anything this big is none. */
+/* v1 reports "no limit" as a page-rounded LONG_MAX: this big is none. */
 #define CGROUP_V1_NO_LIMIT (G_GUINT64_CONSTANT(1) << 62)
 
 static gboolean cgroup_errno(Cgroup *cg, const char *file, int err,

@@ -344,10 +344,10 @@ static int cmd_show(Ctx *c, GError **errp)
         g_autofree char *text = NULL;
 
         json_builder_begin_object(b);
-#define MEMBER_INT(k, v) \
-        (json_builder_set_member_name(b, k), json_builder_add_int_value(b, v))
-#define MEMBER_STR(k, v) \
-        (json_builder_set_member_name(b, k), json_builder_add_string_value(b, v))
+#define MEMBER_INT(k, v) (json_builder_set_member_name(b, k), \
+                          json_builder_add_int_value(b, v))
+#define MEMBER_STR(k, v) (json_builder_set_member_name(b, k), \
+                          json_builder_add_string_value(b, v))
         MEMBER_STR("target", c->t->what);
         MEMBER_STR("limit-name", c->t->limit_name);
         MEMBER_INT("base", c->base);

@@ -167,13 +167,15 @@ JsonNode *qmp_call(Qmp *q, const char *cmd, JsonObject *args,
         }
         if (msg && json_object_has_member(msg, "error")) {
             JsonObject *e = json_object_get_object_member(msg, "error");
-            const char *desc = e ? json_object_get_string_member_with_default(
-                                       e, "desc", "(no description)")
-                                 : "(no description)";
+            const char *desc = "(no description)";
 
-            if (class) {
-                *class = g_strdup(e ? json_object_get_string_member_with_default(
-                                          e, "class", "") : "");
+            if (e) {
+                desc = json_object_get_string_member_with_default(e, "desc",
+                                                                  desc);
+            }
+            if (class && e) {
+                *class = g_strdup(json_object_get_string_member_with_default(
+                                  e, "class", ""));
             }
             g_set_error(errp, VMEM_LIMIT_ERROR, VMEM_EXIT_REFUSED,
                         "QEMU refused %s: %s", cmd, desc);

@@ -126,8 +126,10 @@ static guint64 lv_unit_bytes(const char *unit)
         return 1024;    /* libvirt's default for memory sizes */
     }
     for (i = 0; i < G_N_ELEMENTS(units); i++) {
-        if (!strcmp(unit, units[i].name) ||
-            (units[i].name[1] == 0 && !g_ascii_strcasecmp(unit, units[i].name))) {
+        gboolean letter = units[i].name[1] == 0;
+
+        if (letter ? !g_ascii_strcasecmp(unit, units[i].name)
+                   : !strcmp(unit, units[i].name)) {
             return units[i].mult;
         }
     }
@@ -336,8 +338,10 @@ static gboolean lv_resident(VmemTarget *t, guint64 *bytes, GError **errp)
     for (i = 0; list && i < json_array_get_length(list); i++) {
         JsonObject *o = json_array_get_object_element(list, i);
 
-        *bytes += json_object_get_int_member_with_default(o, "plugged-resident", 0) +
-                  json_object_get_int_member_with_default(o, "unplugged-resident", 0);
+        *bytes += json_object_get_int_member_with_default(
+                      o, "plugged-resident", 0) +
+                  json_object_get_int_member_with_default(
+                      o, "unplugged-resident", 0);
     }
     return TRUE;
 }

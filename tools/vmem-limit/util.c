@@ -4,7 +4,10 @@
 
 #include "vmem-limit.h"
 
-G_DEFINE_QUARK(vmem-limit-error-quark, vmem_limit_error)
+GQuark vmem_limit_error_quark(void)
+{
+    return g_quark_from_static_string("vmem-limit-error-quark");
+}
 
 void vmem_device_free(VmemDevice *d)
 {

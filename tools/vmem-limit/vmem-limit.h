@@ -52,7 +52,7 @@ typedef struct VmemTarget VmemTarget;
 struct VmemTarget {
     char *what;             /* "QMP socket X" / "libvirt domain D" */
     char *limit_name;       /* "memory.max and memory.high of cgroup DIR" */
-    char *soft_name;        /* name of the soft limit written with it, or NULL */
+    char *soft_name;        /* the soft limit written with it, or NULL */
 
     /* Every virtio-mem device, fresh from the VMM. */
     GPtrArray *(*query)(VmemTarget *t, GError **errp);
