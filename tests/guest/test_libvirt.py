@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import xml.etree.ElementTree as ET
 
@@ -439,6 +440,47 @@ def tool_resize(daemon, g, requested, base, tool_base_):
           f'hard_limit {hard} below the charge {shown["charge"]}')
 
 
+def tool_follow(daemon, g, base, tool_base_):
+    """vmem-limit -d ... follow, on libvirt's memory-device-size-change
+    events alone, moves hard_limit and soft_limit after resizes done by
+    someone else (virsh update-memory-device)."""
+    opt = f'--base={tool_base_ >> 20}M'
+    p = subprocess.Popen([VMEM_LIMIT, '--connect', daemon.uri, '-d',
+                          g.domain, opt, '--interval', '0', 'follow'],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    out = []
+    threading.Thread(target=lambda: out.extend(p.stdout), daemon=True).start()
+
+    def limits():
+        tune = {k.strip(): v.strip() for k, v in
+                (line.split(':', 1) for line in
+                 daemon.virsh('memtune', g.domain).splitlines()
+                 if ':' in line)}
+        return int(tune['hard_limit']) << 10, int(tune['soft_limit']) << 10
+    try:
+        poll(lambda: any('following' in line for line in out), 30,
+             'vmem-limit follow to start')
+        for req in (1 * GiB, 0):
+            t0 = time.monotonic()
+            g.update_memory_device(req)
+            want = tool_base_ + req + 64 * MiB
+            poll(lambda w=want: limits() == (w, w), 60,
+                 f'hard_limit = soft_limit = {want >> 20} MiB (now '
+                 f'{[v >> 20 for v in limits()]} MiB)')
+            log(f'follow: update-memory-device {req >> 20} MiB, hard_limit '
+                f'{limits()[0] >> 20} MiB after {time.monotonic() - t0:.1f}s')
+            settled_views_agree(g, req, base, t0)
+        check(p.poll() is None, 'vmem-limit follow exited early')
+    finally:
+        p.terminate()
+        p.wait(timeout=10)
+    for line in out:
+        log(f'vmem-limit: {line.rstrip()}')
+    check(any('size change event' in line for line in out),
+          'vmem-limit follow never acted on an event')
+
+
 def main():
     require_kit()
     # A stopped test stops its domain and daemon too.
@@ -462,6 +504,9 @@ def main():
                 t.case(f'vmem-limit -d (libvirt) resize to {req >> 20} MiB: '
                        'hard_limit = base + size + margin, views agree',
                        lambda req=req: tool_resize(daemon, g, req, base, tb))
+            t.case('vmem-limit -d (libvirt) follow: hard_limit follows '
+                   'update-memory-device by events',
+                   lambda: tool_follow(daemon, g, base, tb))
             t.case('guest log clean', lambda: check(
                 not g.bad_log_lines(),
                 'guest log has errors:\n' + '\n'.join(g.bad_log_lines())))
