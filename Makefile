@@ -2,7 +2,7 @@
 # Convenience targets; the scripts under scripts/ are the interface.
 -include config.mk
 
-.PHONY: all qemu guest check check-qemu check-guest demo bench checkpatch clean
+.PHONY: all qemu guest tools check check-qemu check-guest demo bench checkpatch clean
 
 all:
 	./scripts/build
@@ -10,6 +10,8 @@ qemu:
 	./scripts/build-qemu
 guest:
 	./scripts/build-guest
+tools:
+	./scripts/build-tools
 check:
 	./scripts/check
 check-qemu:
