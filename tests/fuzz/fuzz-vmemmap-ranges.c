@@ -1,0 +1,736 @@
+/*
+ * libFuzzer harness: the virtio-mem vmemmap accounting core
+ *
+ * What it fuzzes: hw/virtio/virtio-mem-vmemmap.c (the bitmap of marked
+ * pages, with QEMU's util/bitmap.c and util/bitops.c) and the VMState
+ * glue in hw/virtio/virtio-mem-vmemmap-migration.c (its get/put
+ * callbacks, reached through vmstate_virtio_mem_vmemmap, over an
+ * in-memory QEMUFile defined below).
+ *
+ * How: any byte string is a geometry (region size, block size, the
+ * device's base address, a usable size, a second instance for the
+ * migration destination) followed by operations the device performs:
+ * plug and unplug of blocks (unplug unmarks, as virtio_mem_set_range_*
+ * does), the VMEMMAP request (check, then mark), unmark, clear, save and
+ * load of the runs (exact and mutated streams), single load_range calls.
+ * A reference model keeps one byte per 4 KiB page and one per block and
+ * predicts every verdict and every count independently of the code under
+ * test.  After each operation the runs enumerated with
+ * virtio_mem_vmemmap_next_range() must be sorted, disjoint, non-adjacent,
+ * inside plugged blocks and equal to the model page for page, and
+ * size == sum of the runs == the model's count.  Any difference aborts.
+ *
+ * Build and run: scripts/fuzz (make fuzz); corpus in
+ * tests/fuzz/corpus/vmemmap-ranges/, made by scripts/fuzz --seed-corpus.
+ *
+ * Copyright (c) 2026 The virtio-mem-vmemmap authors
+ *
+ * SPDX-License-Identifier: GPL-2.0-or-later
+ */
+
+#include "qemu/osdep.h"
+#include "qemu/bitmap.h"
+#include "qemu/bswap.h"
+#include "qemu/units.h"
+#include "qemu/error-report.h"
+#include "migration/qemu-file-types.h"
+#include "hw/virtio/virtio-mem-vmemmap.h"
+
+#define PAGE        VIRTIO_MEM_VMEMMAP_ALIGN
+#define MAX_REGION  (256 * MiB)
+#define MAX_PAGES   (MAX_REGION / PAGE)
+#define MAX_BLOCKS  (MAX_REGION / (2 * MiB))
+/* A stream holds at most one run per two pages. */
+#define MAX_STREAM  (4 + MAX_PAGES / 2 * 16 + 64)
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+
+/* ---- the migration stream: a QEMUFile over a byte buffer ---- */
+
+struct QEMUFile {
+    uint8_t *buf;
+    size_t len, pos, cap;
+    int error;
+};
+
+static void file_put(QEMUFile *f, uint64_t v, int bytes)
+{
+    int i;
+
+    g_assert(f->len + bytes <= f->cap);
+    for (i = bytes - 1; i >= 0; i--) {
+        f->buf[f->len++] = v >> (8 * i);
+    }
+}
+
+static uint64_t file_get(QEMUFile *f, int bytes)
+{
+    uint64_t v = 0;
+    int i;
+
+    /* Like QEMU's: reading past the end is an error and reads zeroes. */
+    if (f->pos + bytes > f->len) {
+        f->pos = f->len;
+        f->error = -EIO;
+        return 0;
+    }
+    for (i = 0; i < bytes; i++) {
+        v = v << 8 | f->buf[f->pos++];
+    }
+    return v;
+}
+
+void qemu_put_be32(QEMUFile *f, unsigned int v)
+{
+    file_put(f, v, 4);
+}
+
+void qemu_put_be64(QEMUFile *f, uint64_t v)
+{
+    file_put(f, v, 8);
+}
+
+unsigned int qemu_get_be32(QEMUFile *f)
+{
+    return file_get(f, 4);
+}
+
+uint64_t qemu_get_be64(QEMUFile *f)
+{
+    return file_get(f, 8);
+}
+
+int qemu_file_get_error(QEMUFile *f)
+{
+    return f->error;
+}
+
+/* The glue reports why a load fails; format it (UBSan sees the args). */
+void error_report(const char *fmt, ...)
+{
+    char msg[512];
+    va_list ap;
+
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    if (getenv("FUZZ_VERBOSE")) {
+        fprintf(stderr, "error_report: %s\n", msg);
+    }
+}
+
+/* ---- input decoding ---- */
+
+typedef struct Input {
+    const uint8_t *p, *end;
+} Input;
+
+static bool in_more(const Input *in)
+{
+    return in->p < in->end;
+}
+
+/* Little endian; bytes past the end read as zero. */
+static uint64_t in_get(Input *in, int bytes)
+{
+    uint64_t v = 0;
+    int i;
+
+    for (i = 0; i < bytes && in->p < in->end; i++) {
+        v |= (uint64_t)*in->p++ << (8 * i);
+    }
+    return v;
+}
+
+#define U8(in)  ((unsigned)in_get(in, 1))
+#define U16(in) ((unsigned)in_get(in, 2))
+#define U64(in) in_get(in, 8)
+
+/* ---- the reference model ---- */
+
+typedef struct Side {
+    VirtIOMEMVmemmap vm;
+    unsigned long *plugged;     /* the device's bitmap, bit per block */
+    uint8_t marked[MAX_PAGES];  /* model: 1 == page marked */
+    uint8_t blk[MAX_BLOCKS];    /* model: 1 == block plugged */
+    uint64_t nr_marked;         /* model: pages marked */
+    uint64_t region, nr_pages, nr_blocks;
+    bool enabled;
+} Side;
+
+static Side src_side, dst_side;
+static uint64_t block_size, base, usable;
+static uint8_t stream_buf[MAX_STREAM];
+
+static void side_setup(Side *s, uint64_t region, bool enabled)
+{
+    virtio_mem_vmemmap_destroy(&s->vm);
+    g_free(s->plugged);
+    s->region = region;
+    s->nr_pages = region / PAGE;
+    s->nr_blocks = region / block_size;
+    s->plugged = bitmap_new(s->nr_blocks);
+    memset(s->marked, 0, s->nr_pages);
+    memset(s->blk, 0, s->nr_blocks);
+    s->nr_marked = 0;
+    s->enabled = enabled;
+    virtio_mem_vmemmap_init(&s->vm);
+    if (enabled) {
+        virtio_mem_vmemmap_set_geometry(&s->vm, region, block_size,
+                                        s->plugged);
+    }
+}
+
+/*
+ * The next run of marked pages in [@first, @end) as [*@rs, *@re); false
+ * if none.  memchr, so that a sparse model costs what its runs cost.
+ */
+static bool model_next_run(const Side *s, uint64_t first, uint64_t end,
+                           uint64_t *rs, uint64_t *re)
+{
+    const uint8_t *p, *z;
+
+    if (first >= end) {
+        return false;
+    }
+    p = memchr(s->marked + first, 1, end - first);
+    if (!p) {
+        return false;
+    }
+    z = memchr(p, 0, s->marked + end - p);
+    *rs = p - s->marked;
+    *re = z ? z - s->marked : end;
+    return true;
+}
+
+static uint64_t model_count(const Side *s, uint64_t first, uint64_t end)
+{
+    uint64_t n = 0, rs, re;
+
+    while (model_next_run(s, first, end, &rs, &re)) {
+        n += re - rs;
+        first = re;
+    }
+    return n;
+}
+
+static void model_set(Side *s, uint64_t first, uint64_t n, uint8_t v)
+{
+    const uint64_t was = model_count(s, first, first + n);
+
+    memset(s->marked + first, v, n);
+    s->nr_marked += v ? n - was : -was;
+}
+
+/*
+ * What the device must answer for a VMEMMAP request, derived from the
+ * spec's rules in the header's order, with exact 128-bit arithmetic.
+ */
+static VirtIOMEMVmemmapCheck model_check(const Side *s, uint64_t b,
+                                         uint64_t u, uint64_t addr,
+                                         uint64_t size)
+{
+    unsigned __int128 end = (unsigned __int128)addr + size;
+    uint64_t start, i;
+
+    if (!s->enabled) {
+        return VIRTIO_MEM_VMEMMAP_DISABLED;
+    }
+    if (!size) {
+        return VIRTIO_MEM_VMEMMAP_EMPTY;
+    }
+    if (addr % PAGE || size % PAGE) {
+        return VIRTIO_MEM_VMEMMAP_UNALIGNED;
+    }
+    if (end > UINT64_MAX) {
+        return VIRTIO_MEM_VMEMMAP_OVERFLOW;
+    }
+    if (addr < b || end > (unsigned __int128)b + MIN(u, s->region)) {
+        return VIRTIO_MEM_VMEMMAP_OUTSIDE;
+    }
+    start = addr - b;
+    for (i = start / block_size; i <= (start + size - 1) / block_size; i++) {
+        if (!s->blk[i]) {
+            return VIRTIO_MEM_VMEMMAP_UNPLUGGED;
+        }
+    }
+    if (model_count(s, start / PAGE, (start + size) / PAGE)) {
+        return VIRTIO_MEM_VMEMMAP_OVERLAP;
+    }
+    return VIRTIO_MEM_VMEMMAP_OK;
+}
+
+static bool model_all(const Side *s, uint64_t first, uint64_t end, uint8_t v)
+{
+    return !memchr(s->marked + first, !v, end - first);
+}
+
+/*
+ * The invariants.  The runs come from the bitmap; each page of each run
+ * must be marked in the model, and the runs hold as many pages as the
+ * model marks: so the two sets are equal, without a scan of the region.
+ */
+static uint64_t check_invariants(Side *s)
+{
+    uint64_t offset = 0, prev_end = 0, start, size, sum = 0, n = 0, b;
+
+    g_assert(virtio_mem_vmemmap_enabled(&s->vm) == s->enabled);
+    while (virtio_mem_vmemmap_next_range(&s->vm, offset, &start, &size)) {
+        g_assert(size && !(start % PAGE) && !(size % PAGE));
+        g_assert(start + size <= s->region);
+        /* sorted, disjoint, and never adjacent (so maximal) */
+        g_assert(!n || start > prev_end);
+        g_assert(model_all(s, start / PAGE, (start + size) / PAGE, 1));
+        /* on plugged blocks only */
+        for (b = start / block_size; b <= (start + size - 1) / block_size;
+             b++) {
+            g_assert(test_bit(b, s->plugged) && s->blk[b]);
+        }
+        prev_end = offset = start + size;
+        sum += size;
+        n++;
+    }
+    g_assert(sum == virtio_mem_vmemmap_size(&s->vm));
+    g_assert(sum == s->nr_marked * PAGE);
+    if (s->enabled) {
+        g_assert(virtio_mem_vmemmap_max_ranges(&s->vm) ==
+                 DIV_ROUND_UP(s->nr_pages, 2));
+    }
+    return n;
+}
+
+/*
+ * At the end of an input: the counts the code derives on its own, and the
+ * harness's bookkeeping of the plugged blocks.
+ */
+static void check_all(Side *s)
+{
+    uint64_t i;
+
+    g_assert(check_invariants(s) == virtio_mem_vmemmap_nr_ranges(&s->vm));
+    g_assert(s->enabled || !s->nr_marked);
+    for (i = 0; i < s->nr_blocks; i++) {
+        g_assert(!!test_bit(i, s->plugged) == s->blk[i]);
+    }
+}
+
+/* ---- operations ---- */
+
+/* An address range for a request: mostly plausible, sometimes hostile. */
+static void gen_range(Input *in, const Side *s, uint64_t *addr, uint64_t *size)
+{
+    const unsigned mode = U8(in) % 10;
+    uint64_t first, n;
+
+    switch (mode) {
+    case 0 ... 3:   /* a few pages anywhere in or just past the region */
+        first = U16(in) % (s->nr_pages + 16);
+        n = 1 + U8(in) % 64;
+        break;
+    case 4:         /* up to the whole region */
+        first = U16(in) % (s->nr_pages + 16);
+        n = U16(in) % (s->nr_pages + 16);
+        break;
+    case 5:         /* whole blocks, like an SBM memmap */
+        first = U8(in) % (s->nr_blocks + 1) * (block_size / PAGE);
+        n = (1 + U8(in) % 4) * (block_size / PAGE);
+        break;
+    case 6:         /* ending at the usable size */
+        n = 1 + U8(in) % 64;
+        first = MIN(usable, s->region) / PAGE - n + U8(in) % 3;
+        break;
+    case 7:         /* below the base, or straddling it */
+        *addr = base - (uint64_t)(1 + U8(in) % 16) * PAGE;
+        *size = (uint64_t)(1 + U8(in) % 32) * PAGE;
+        return;
+    case 8:         /* not page aligned */
+        *addr = base + (uint64_t)(U16(in) % s->nr_pages) * PAGE +
+                U16(in) % PAGE;
+        *size = (uint64_t)(1 + U8(in) % 8) * PAGE + U16(in) % PAGE;
+        return;
+    default:        /* anything */
+        *addr = U64(in);
+        *size = U64(in);
+        return;
+    }
+    *addr = base + first * PAGE;
+    *size = n * PAGE;
+}
+
+static void op_plug(Input *in, Side *s, bool plug)
+{
+    const uint64_t first = U8(in) % s->nr_blocks;
+    const uint64_t n = 1 + U8(in) % (s->nr_blocks - first);
+    uint64_t i, dropped;
+
+    for (i = first; i < first + n; i++) {
+        s->blk[i] = plug;
+    }
+    if (plug) {
+        bitmap_set(s->plugged, first, n);
+        return;
+    }
+    /* As the device unplugs: the blocks, then the marks on them. */
+    bitmap_clear(s->plugged, first, n);
+    dropped = model_count(s, first * block_size / PAGE,
+                          (first + n) * block_size / PAGE);
+    g_assert(virtio_mem_vmemmap_unmark(&s->vm, first * block_size,
+                                       n * block_size) == dropped * PAGE);
+    model_set(s, first * block_size / PAGE, n * block_size / PAGE, 0);
+}
+
+static void op_unplug_all(Side *s)
+{
+    bitmap_clear(s->plugged, 0, s->nr_blocks);
+    memset(s->blk, 0, s->nr_blocks);
+    virtio_mem_vmemmap_clear(&s->vm);
+    model_set(s, 0, s->nr_pages, 0);
+}
+
+static void op_report(Input *in, Side *s)
+{
+    uint64_t addr, size;
+    VirtIOMEMVmemmapCheck want, got;
+
+    gen_range(in, s, &addr, &size);
+    want = model_check(s, base, usable, addr, size);
+    got = virtio_mem_vmemmap_check(&s->vm, base, usable, addr, size);
+    if (got != want) {
+        fprintf(stderr, "check 0x%" PRIx64 "+0x%" PRIx64 " (base 0x%" PRIx64
+                " usable 0x%" PRIx64 "): got '%s', model '%s'\n", addr, size,
+                base, usable, virtio_mem_vmemmap_check_str(got),
+                virtio_mem_vmemmap_check_str(want));
+        abort();
+    }
+    g_assert(strlen(virtio_mem_vmemmap_check_str(got)));
+    if (got == VIRTIO_MEM_VMEMMAP_OK) {
+        virtio_mem_vmemmap_mark(&s->vm, addr - base, size);
+        model_set(s, (addr - base) / PAGE, size / PAGE, 1);
+    }
+}
+
+static void op_unmark(Input *in, Side *s)
+{
+    const uint64_t first = U16(in) % (s->nr_pages + 16);
+    const uint64_t n = U16(in) % (s->nr_pages + 16);
+    const uint64_t end = MIN(first + n, s->nr_pages);
+    uint64_t want = 0;
+
+    if (first < end) {
+        want = model_count(s, first, end);
+        model_set(s, first, end - first, 0);
+    }
+    g_assert(virtio_mem_vmemmap_unmark(&s->vm, first * PAGE, n * PAGE) ==
+             want * PAGE);
+}
+
+static void op_intersects(Input *in, Side *s)
+{
+    const uint64_t first = U16(in) % s->nr_pages;
+    const uint64_t n = U16(in) % (s->nr_pages - first + 1);
+
+    g_assert(virtio_mem_vmemmap_intersects(&s->vm, first * PAGE, n * PAGE) ==
+             (n && model_count(s, first, first + n)));
+}
+
+/* Where does the run that holds or follows page @first start and end? */
+static void op_next_range(Input *in, Side *s)
+{
+    const uint64_t offset = U16(in) % (s->nr_pages + 1) * PAGE;
+    uint64_t first = offset / PAGE, end, start, size;
+    bool found;
+
+    if (!model_next_run(s, first, s->nr_pages, &first, &end)) {
+        first = s->nr_pages;
+    }
+    found = virtio_mem_vmemmap_next_range(&s->vm, offset, &start, &size);
+    g_assert(found == (first < s->nr_pages));
+    /*
+     * From inside a run the code returns the run's part from @offset on
+     * (header: "the first maximal run ... that ends after @offset");
+     * callers only ever pass 0 or the end of the previous run.
+     */
+    g_assert(!found || (start == first * PAGE && start + size == end * PAGE));
+}
+
+/* The model's own encoding of the runs: what put must write. */
+static size_t model_stream(const Side *s, uint8_t *buf)
+{
+    QEMUFile f = { .buf = buf, .cap = MAX_STREAM };
+    uint64_t i = 0, first, end, n = 0;
+
+    file_put(&f, 0, 4);
+    while (model_next_run(s, i, s->nr_pages, &first, &end)) {
+        file_put(&f, first * PAGE, 8);
+        file_put(&f, (end - first) * PAGE, 8);
+        i = end;
+        n++;
+    }
+    stl_be_p(buf, n);
+    return f.len;
+}
+
+/*
+ * What get must do with @buf: its result, and the destination model
+ * updated as the code must leave it.
+ */
+static int model_load(Side *d, const uint8_t *buf, size_t len)
+{
+    QEMUFile f = { .buf = (uint8_t *)buf, .len = len };
+    const int32_t nr = file_get(&f, 4);
+    uint64_t cursor = 0, start, size;
+    int32_t i;
+
+    if (!d->enabled) {
+        return -EINVAL;
+    }
+    if (nr < 0 || (uint64_t)nr > DIV_ROUND_UP(d->nr_pages, 2)) {
+        return -EINVAL;     /* refused before anything changes */
+    }
+    model_set(d, 0, d->nr_pages, 0);
+    for (i = 0; i < nr; i++) {
+        start = file_get(&f, 8);
+        size = file_get(&f, 8);
+        if (f.error) {
+            model_set(d, 0, d->nr_pages, 0);
+            return f.error;
+        }
+        if (model_check(d, 0, d->region, start, size) !=
+            VIRTIO_MEM_VMEMMAP_OK || start < cursor) {
+            model_set(d, 0, d->nr_pages, 0);
+            return -EINVAL;
+        }
+        model_set(d, start / PAGE, size / PAGE, 1);
+        cursor = start + size + PAGE;
+    }
+    return 0;
+}
+
+/* Change a valid stream the way a corrupt or hostile source would. */
+static size_t mutate_stream(Input *in, uint8_t *buf, size_t len)
+{
+    const unsigned nr_pairs = (len - 4) / 16;
+    unsigned k = nr_pairs ? U8(in) % nr_pairs : 0;
+    uint8_t tmp[16];
+
+    switch (U8(in) % 9) {
+    case 0:         /* exact */
+        break;
+    case 1:         /* one byte flipped */
+        buf[U16(in) % len] ^= 1 + U8(in) % 255;
+        break;
+    case 2:         /* the count changed */
+        stl_be_p(buf, ldl_be_p(buf) + (int8_t)U8(in));
+        break;
+    case 3:         /* truncated */
+        len = U16(in) % (len + 1);
+        break;
+    case 4:         /* a pair appended */
+        if (len + 16 <= MAX_STREAM) {
+            stq_be_p(buf + len, U64(in) % MAX_REGION & ~(uint64_t)(PAGE - 1));
+            stq_be_p(buf + len + 8, (1 + U8(in) % 16) * PAGE);
+            stl_be_p(buf, ldl_be_p(buf) + 1);
+            len += 16;
+        }
+        break;
+    case 5:         /* two pairs swapped */
+        if (nr_pairs > 1) {
+            unsigned j = U8(in) % nr_pairs;
+
+            memcpy(tmp, buf + 4 + 16 * k, 16);
+            memcpy(buf + 4 + 16 * k, buf + 4 + 16 * j, 16);
+            memcpy(buf + 4 + 16 * j, tmp, 16);
+        }
+        break;
+    case 6:         /* a run grown or shrunk by pages */
+        if (nr_pairs) {
+            uint8_t *p = buf + 4 + 16 * k + (U8(in) & 1 ? 8 : 0);
+
+            stq_be_p(p, ldq_be_p(p) + (int8_t)U8(in) * PAGE);
+        }
+        break;
+    case 7:         /* a pair overwritten with anything */
+        if (nr_pairs) {
+            stq_be_p(buf + 4 + 16 * k, U64(in));
+            stq_be_p(buf + 4 + 16 * k + 8, U64(in));
+        }
+        break;
+    default:        /* a count no region can hold */
+        stl_be_p(buf, U8(in) & 1 ? 0x80000000u + U8(in) :
+                 (uint32_t)DIV_ROUND_UP(dst_side.nr_pages, 2) + U8(in) % 2);
+        break;
+    }
+    return len;
+}
+
+static void op_migrate(Input *in, Side *s, Side *d)
+{
+    const VMStateInfo *info = vmstate_virtio_mem_vmemmap.fields[0].info;
+    QEMUFile f = { .buf = stream_buf, .cap = MAX_STREAM };
+    static uint8_t want[MAX_STREAM];
+    size_t want_len;
+    int ret, expect;
+
+    /* put writes exactly the runs the model holds */
+    g_assert(info->put(&f, &s->vm, sizeof(s->vm), NULL, NULL) == 0);
+    want_len = model_stream(s, want);
+    if (!s->enabled) {
+        /* (the device registers the section only with accounting on) */
+        g_assert(f.len == 4 && !ldl_be_p(stream_buf));
+    } else {
+        g_assert(f.len == want_len && !memcmp(stream_buf, want, f.len));
+    }
+
+    f.len = mutate_stream(in, stream_buf, f.len);
+    f.pos = 0;
+    expect = model_load(d, stream_buf, f.len);
+    ret = info->get(&f, &d->vm, sizeof(d->vm), NULL);
+    if (ret != expect) {
+        fprintf(stderr, "load of a %zu-byte stream: got %d, model %d\n",
+                f.len, ret, expect);
+        abort();
+    }
+    check_all(d);
+}
+
+/* load_range() one call at a time, against the loader's rules. */
+static void op_load_ranges(Input *in, Side *d)
+{
+    const unsigned n = 1 + U8(in) % 16;
+    uint64_t cursor = 0, mcursor = 0, addr, size;
+    VirtIOMEMVmemmapCheck want, got;
+    unsigned i;
+
+    if (U8(in) & 1) {
+        virtio_mem_vmemmap_clear(&d->vm);
+        model_set(d, 0, d->nr_pages, 0);
+    }
+    for (i = 0; i < n && in_more(in); i++) {
+        gen_range(in, d, &addr, &size);
+        addr -= base;   /* offsets into the region */
+        want = model_check(d, 0, d->region, addr, size);
+        if (want == VIRTIO_MEM_VMEMMAP_OK && addr < mcursor) {
+            want = VIRTIO_MEM_VMEMMAP_UNORDERED;
+        }
+        got = virtio_mem_vmemmap_load_range(&d->vm, &cursor, addr, size);
+        g_assert(got == want);
+        if (got == VIRTIO_MEM_VMEMMAP_OK) {
+            model_set(d, addr / PAGE, size / PAGE, 1);
+            mcursor = addr + size + PAGE;
+        }
+        g_assert(cursor == mcursor);
+        check_invariants(d);
+    }
+}
+
+static void op_copy_plugged(Input *in, Side *s, Side *d)
+{
+    /* The destination's blocks as migrated RAM leaves them (sometimes not). */
+    uint64_t b;
+
+    for (b = 0; b < d->nr_blocks; b++) {
+        d->blk[b] = b < s->nr_blocks && s->blk[b];
+    }
+    if (U8(in) & 1 && d->nr_blocks) {
+        d->blk[U8(in) % d->nr_blocks] ^= 1;
+    }
+    bitmap_zero(d->plugged, d->nr_blocks);
+    for (b = 0; b < d->nr_blocks; b++) {
+        if (d->blk[b]) {
+            set_bit(b, d->plugged);
+        }
+    }
+    /* blocks that were unplugged lose their marks, as on the device */
+    for (b = 0; b < d->nr_blocks; b++) {
+        if (!d->blk[b]) {
+            g_assert(virtio_mem_vmemmap_unmark(&d->vm, b * block_size,
+                                               block_size) ==
+                     model_count(d, b * block_size / PAGE,
+                                 (b + 1) * block_size / PAGE) * PAGE);
+            model_set(d, b * block_size / PAGE, block_size / PAGE, 0);
+        }
+    }
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    static const uint64_t blocks[] = {
+        2 * MiB, 2 * MiB, 4 * MiB, 8 * MiB, 32 * MiB, 64 * MiB, 128 * MiB,
+        256 * MiB,
+    };
+    Input in = { data, data + size };
+    uint64_t region, dregion;
+    unsigned g, flags;
+
+    /* geometry: block size, region, base, usable part, destination */
+    g = U8(&in);
+    flags = U8(&in);
+    block_size = blocks[g % 8];
+    region = QEMU_ALIGN_UP((1 + (g >> 3) % 4) * 64 * MiB, block_size);
+    switch ((g >> 5) % 4) {
+    case 0:
+        base = 4 * GiB;
+        break;
+    case 1:
+        base = 0;
+        break;
+    case 2:
+        base = 1 * TiB + block_size;
+        break;
+    default:    /* the top of the address space */
+        base = QEMU_ALIGN_DOWN(UINT64_MAX - region, block_size);
+        break;
+    }
+    usable = flags & 1 ? region : (1 + (flags >> 1) % 8) * block_size;
+    dregion = flags & 0x20 ? MAX(block_size, region / 2 / block_size *
+                                             block_size) : region;
+    side_setup(&src_side, region, !(flags & 0x40));
+    side_setup(&dst_side, dregion, !(flags & 0x80));
+
+    while (in_more(&in)) {
+        switch (U8(&in) % 16) {
+        case 0 ... 1:
+            op_plug(&in, &src_side, true);
+            break;
+        case 2:
+            op_plug(&in, &src_side, false);
+            break;
+        case 3:
+            op_unplug_all(&src_side);
+            break;
+        case 4 ... 7:
+            op_report(&in, &src_side);
+            break;
+        case 8:
+            op_unmark(&in, &src_side);
+            break;
+        case 9:
+            virtio_mem_vmemmap_clear(&src_side.vm);
+            model_set(&src_side, 0, src_side.nr_pages, 0);
+            break;
+        case 10:
+            op_intersects(&in, &src_side);
+            break;
+        case 11:
+            op_next_range(&in, &src_side);
+            break;
+        case 12:
+            op_copy_plugged(&in, &src_side, &dst_side);
+            check_invariants(&dst_side);
+            break;
+        case 13:
+            op_migrate(&in, &src_side, &dst_side);
+            break;
+        case 14:
+            op_load_ranges(&in, &dst_side);
+            break;
+        default:        /* the usable region moves with requested-size */
+            usable = (1 + U8(&in) % (region / block_size)) * block_size;
+            break;
+        }
+        check_invariants(&src_side);
+    }
+    check_all(&src_side);
+    check_all(&dst_side);
+    return 0;
+}
