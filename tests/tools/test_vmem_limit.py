@@ -420,6 +420,28 @@ def follow_others(vm, base):
           'follow never acted on an event')
 
 
+def follow_undoes_hand_change(vm, base):
+    """With its 1 s re-read, follow sets a limit changed by hand back."""
+    p = subprocess.Popen(vm.tool_args('--base', str(base), 'follow'),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    out = []
+    threading.Thread(target=lambda: out.extend(p.stdout), daemon=True).start()
+    try:
+        poll(lambda: any('following' in l for l in out), 30,
+             'follow to start')
+        size = vm.g.qom_get('size')
+        vm.cg.set_limit(want(base, size) + 128 * MiB)
+        t0 = time.monotonic()
+        poll(lambda: vm.limit() == want(base, size), 10,
+             f'limit back at {want(base, size)} (now {vm.limit()})')
+        log(f'follow: a limit raised by hand by 128 MiB was set back after '
+            f'{time.monotonic() - t0:.1f} s')
+    finally:
+        p.terminate()
+        p.wait(timeout=10)
+
+
 def main():
     require_kit()
     if not os.access(TOOL, os.X_OK):
@@ -438,6 +460,8 @@ def main():
                lambda: hold_through_grow_touch_shrink(vm, base))
         t.case('follow tracks a qom-set by someone else (events only)',
                lambda: follow_others(vm, base))
+        t.case('follow sets back a limit changed by hand',
+               lambda: follow_undoes_hand_change(vm, base))
         t.case('cgroup v2 rules on v2 files: memory.max and memory.high, '
                'no lowering below memory.current',
                lambda: cgroup_v2_files(vm, base))

@@ -589,7 +589,7 @@ static int cmd_follow(Ctx *c, GError **errp)
 {
     g_autoptr(GPtrArray) devs = c->t->query(c->t, errp);
     int interval_ms = opt_interval > 0 ? (int)(opt_interval * 1000) : -1;
-    guint64 last = 0;
+    guint64 want, hard, soft, refused = 0;
     guint i;
 
     if (!devs || !measure_base(c, devs, errp)) {
@@ -599,8 +599,9 @@ static int cmd_follow(Ctx *c, GError **errp)
     for (i = 0; i < devs->len; i++) {
         print_device(devs->pdata[i]);
     }
-    last = wanted_limit(c, devs, NULL, 0);
-    if (!apply_limit(c, last, "follow: devices now", errp)) {
+    want = wanted_limit(c, devs, NULL, 0);
+    if (!apply_limit(c, want, "follow: devices now", errp) ||
+        !c->t->get_limit(c->t, &hard, &soft, errp)) {
         return 1;
     }
     if (opt_once || c->dry_run) {
@@ -617,12 +618,13 @@ static int cmd_follow(Ctx *c, GError **errp)
         g_autoptr(GError) err = NULL;
         g_autofree char *why = NULL;
         gboolean changed;
-        guint64 want;
 
-        if (!c->t->wait_event(c->t, interval_ms, &changed, errp)) {
-            g_autofree char *last_s = vmem_fmt_size(last);
+        /* A lowering the charge did not allow is retried within 1 s. */
+        if (!c->t->wait_event(c->t, refused && interval_ms < 0 ? 1000 :
+                              interval_ms, &changed, errp)) {
+            g_autofree char *hard_s = vmem_fmt_size(hard);
 
-            error_add(*errp, "The limit stays at %s", last_s);
+            error_add(*errp, "The limit stays at %s", hard_s);
             return 1;
         }
         /*
@@ -636,10 +638,15 @@ static int cmd_follow(Ctx *c, GError **errp)
             return 1;
         }
         want = wanted_limit(c, devs, NULL, 0);
-        if (want == last) {
+        /* Compared with the limit itself: a change made by hand is undone. */
+        if (!c->t->get_limit(c->t, &hard, &soft, errp)) {
+            return 1;
+        }
+        if (hard == want && (!c->t->soft_name || soft == want)) {
+            refused = 0;
             continue;
         }
-        for (i = 0; i < devs->len; i++) {
+        for (i = 0; refused != want && i < devs->len; i++) {
             print_device(devs->pdata[i]);
         }
         why = g_strdup_printf("follow: %s", changed ? "size change event" :
@@ -651,10 +658,14 @@ static int cmd_follow(Ctx *c, GError **errp)
                 return 1;
             }
             /* The guest still holds the memory: try again next round. */
-            fprintf(stderr, "vmem-limit: %s\n", err->message);
+            if (refused != want) {
+                fprintf(stderr, "vmem-limit: %s\n", err->message);
+            }
+            refused = want;
             continue;
         }
-        last = want;
+        refused = 0;
+        hard = want;
     }
 }
 
