@@ -35,13 +35,11 @@
 #include "qemu/error-report.h"
 #include "migration/qemu-file-types.h"
 #include "hw/virtio/virtio-mem-vmemmap.h"
+#include "vmemmap-model.h"
 
-#define PAGE        VIRTIO_MEM_VMEMMAP_ALIGN
-#define MAX_REGION  (256 * MiB)
-#define MAX_PAGES   (MAX_REGION / PAGE)
-#define MAX_BLOCKS  (MAX_REGION / (2 * MiB))
+#define PAGE        MODEL_PAGE
 /* A stream holds at most one run per two pages. */
-#define MAX_STREAM  (4 + MAX_PAGES / 2 * 16 + 64)
+#define MAX_STREAM  (4 + MODEL_MAX_PAGES / 2 * 16 + 64)
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
@@ -149,13 +147,9 @@ static uint64_t in_get(Input *in, int bytes)
 /* ---- the reference model ---- */
 
 typedef struct Side {
+    Model m;                    /* what the code must hold */
     VirtIOMEMVmemmap vm;
     unsigned long *plugged;     /* the device's bitmap, bit per block */
-    uint8_t marked[MAX_PAGES];  /* model: 1 == page marked */
-    uint8_t blk[MAX_BLOCKS];    /* model: 1 == block plugged */
-    uint64_t nr_marked;         /* model: pages marked */
-    uint64_t region, nr_pages, nr_blocks;
-    bool enabled;
 } Side;
 
 static Side src_side, dst_side;
@@ -166,14 +160,8 @@ static void side_setup(Side *s, uint64_t region, bool enabled)
 {
     virtio_mem_vmemmap_destroy(&s->vm);
     g_free(s->plugged);
-    s->region = region;
-    s->nr_pages = region / PAGE;
-    s->nr_blocks = region / block_size;
-    s->plugged = bitmap_new(s->nr_blocks);
-    memset(s->marked, 0, s->nr_pages);
-    memset(s->blk, 0, s->nr_blocks);
-    s->nr_marked = 0;
-    s->enabled = enabled;
+    model_init(&s->m, region, block_size, enabled);
+    s->plugged = bitmap_new(s->m.nr_blocks);
     virtio_mem_vmemmap_init(&s->vm);
     if (enabled) {
         virtio_mem_vmemmap_set_geometry(&s->vm, region, block_size,
@@ -181,89 +169,6 @@ static void side_setup(Side *s, uint64_t region, bool enabled)
     }
 }
 
-/*
- * The next run of marked pages in [@first, @end) as [*@rs, *@re); false
- * if none.  memchr, so that a sparse model costs what its runs cost.
- */
-static bool model_next_run(const Side *s, uint64_t first, uint64_t end,
-                           uint64_t *rs, uint64_t *re)
-{
-    const uint8_t *p, *z;
-
-    if (first >= end) {
-        return false;
-    }
-    p = memchr(s->marked + first, 1, end - first);
-    if (!p) {
-        return false;
-    }
-    z = memchr(p, 0, s->marked + end - p);
-    *rs = p - s->marked;
-    *re = z ? z - s->marked : end;
-    return true;
-}
-
-static uint64_t model_count(const Side *s, uint64_t first, uint64_t end)
-{
-    uint64_t n = 0, rs, re;
-
-    while (model_next_run(s, first, end, &rs, &re)) {
-        n += re - rs;
-        first = re;
-    }
-    return n;
-}
-
-static void model_set(Side *s, uint64_t first, uint64_t n, uint8_t v)
-{
-    const uint64_t was = model_count(s, first, first + n);
-
-    memset(s->marked + first, v, n);
-    s->nr_marked += v ? n - was : -was;
-}
-
-/*
- * What the device must answer for a VMEMMAP request, derived from the
- * spec's rules in the header's order, with exact 128-bit arithmetic.
- */
-static VirtIOMEMVmemmapCheck model_check(const Side *s, uint64_t b,
-                                         uint64_t u, uint64_t addr,
-                                         uint64_t size)
-{
-    unsigned __int128 end = (unsigned __int128)addr + size;
-    uint64_t start, i;
-
-    if (!s->enabled) {
-        return VIRTIO_MEM_VMEMMAP_DISABLED;
-    }
-    if (!size) {
-        return VIRTIO_MEM_VMEMMAP_EMPTY;
-    }
-    if (addr % PAGE || size % PAGE) {
-        return VIRTIO_MEM_VMEMMAP_UNALIGNED;
-    }
-    if (end > UINT64_MAX) {
-        return VIRTIO_MEM_VMEMMAP_OVERFLOW;
-    }
-    if (addr < b || end > (unsigned __int128)b + MIN(u, s->region)) {
-        return VIRTIO_MEM_VMEMMAP_OUTSIDE;
-    }
-    start = addr - b;
-    for (i = start / block_size; i <= (start + size - 1) / block_size; i++) {
-        if (!s->blk[i]) {
-            return VIRTIO_MEM_VMEMMAP_UNPLUGGED;
-        }
-    }
-    if (model_count(s, start / PAGE, (start + size) / PAGE)) {
-        return VIRTIO_MEM_VMEMMAP_OVERLAP;
-    }
-    return VIRTIO_MEM_VMEMMAP_OK;
-}
-
-static bool model_all(const Side *s, uint64_t first, uint64_t end, uint8_t v)
-{
-    return !memchr(s->marked + first, !v, end - first);
-}
 
 /*
  * The invariants.  The runs come from the bitmap; each page of each run
@@ -274,27 +179,27 @@ static uint64_t check_invariants(Side *s)
 {
     uint64_t offset = 0, prev_end = 0, start, size, sum = 0, n = 0, b;
 
-    g_assert(virtio_mem_vmemmap_enabled(&s->vm) == s->enabled);
+    g_assert(virtio_mem_vmemmap_enabled(&s->vm) == s->m.enabled);
     while (virtio_mem_vmemmap_next_range(&s->vm, offset, &start, &size)) {
         g_assert(size && !(start % PAGE) && !(size % PAGE));
-        g_assert(start + size <= s->region);
+        g_assert(start + size <= s->m.region);
         /* sorted, disjoint, and never adjacent (so maximal) */
         g_assert(!n || start > prev_end);
-        g_assert(model_all(s, start / PAGE, (start + size) / PAGE, 1));
+        g_assert(model_all(&s->m, start / PAGE, (start + size) / PAGE, 1));
         /* on plugged blocks only */
         for (b = start / block_size; b <= (start + size - 1) / block_size;
              b++) {
-            g_assert(test_bit(b, s->plugged) && s->blk[b]);
+            g_assert(test_bit(b, s->plugged) && s->m.blk[b]);
         }
         prev_end = offset = start + size;
         sum += size;
         n++;
     }
     g_assert(sum == virtio_mem_vmemmap_size(&s->vm));
-    g_assert(sum == s->nr_marked * PAGE);
-    if (s->enabled) {
+    g_assert(sum == s->m.nr_marked * PAGE);
+    if (s->m.enabled) {
         g_assert(virtio_mem_vmemmap_max_ranges(&s->vm) ==
-                 DIV_ROUND_UP(s->nr_pages, 2));
+                 DIV_ROUND_UP(s->m.nr_pages, 2));
     }
     return n;
 }
@@ -308,9 +213,9 @@ static void check_all(Side *s)
     uint64_t i;
 
     g_assert(check_invariants(s) == virtio_mem_vmemmap_nr_ranges(&s->vm));
-    g_assert(s->enabled || !s->nr_marked);
-    for (i = 0; i < s->nr_blocks; i++) {
-        g_assert(!!test_bit(i, s->plugged) == s->blk[i]);
+    g_assert(s->m.enabled || !s->m.nr_marked);
+    for (i = 0; i < s->m.nr_blocks; i++) {
+        g_assert(!!test_bit(i, s->plugged) == s->m.blk[i]);
     }
 }
 
@@ -324,27 +229,27 @@ static void gen_range(Input *in, const Side *s, uint64_t *addr, uint64_t *size)
 
     switch (mode) {
     case 0 ... 3:   /* a few pages anywhere in or just past the region */
-        first = U16(in) % (s->nr_pages + 16);
+        first = U16(in) % (s->m.nr_pages + 16);
         n = 1 + U8(in) % 64;
         break;
     case 4:         /* up to the whole region */
-        first = U16(in) % (s->nr_pages + 16);
-        n = U16(in) % (s->nr_pages + 16);
+        first = U16(in) % (s->m.nr_pages + 16);
+        n = U16(in) % (s->m.nr_pages + 16);
         break;
     case 5:         /* whole blocks, like an SBM memmap */
-        first = U8(in) % (s->nr_blocks + 1) * (block_size / PAGE);
+        first = U8(in) % (s->m.nr_blocks + 1) * (block_size / PAGE);
         n = (1 + U8(in) % 4) * (block_size / PAGE);
         break;
     case 6:         /* ending at the usable size */
         n = 1 + U8(in) % 64;
-        first = MIN(usable, s->region) / PAGE - n + U8(in) % 3;
+        first = MIN(usable, s->m.region) / PAGE - n + U8(in) % 3;
         break;
     case 7:         /* below the base, or straddling it */
         *addr = base - (uint64_t)(1 + U8(in) % 16) * PAGE;
         *size = (uint64_t)(1 + U8(in) % 32) * PAGE;
         return;
     case 8:         /* not page aligned */
-        *addr = base + (uint64_t)(U16(in) % s->nr_pages) * PAGE +
+        *addr = base + (uint64_t)(U16(in) % s->m.nr_pages) * PAGE +
                 U16(in) % PAGE;
         *size = (uint64_t)(1 + U8(in) % 8) * PAGE + U16(in) % PAGE;
         return;
@@ -359,12 +264,12 @@ static void gen_range(Input *in, const Side *s, uint64_t *addr, uint64_t *size)
 
 static void op_plug(Input *in, Side *s, bool plug)
 {
-    const uint64_t first = U8(in) % s->nr_blocks;
-    const uint64_t n = 1 + U8(in) % (s->nr_blocks - first);
+    const uint64_t first = U8(in) % s->m.nr_blocks;
+    const uint64_t n = 1 + U8(in) % (s->m.nr_blocks - first);
     uint64_t i, dropped;
 
     for (i = first; i < first + n; i++) {
-        s->blk[i] = plug;
+        s->m.blk[i] = plug;
     }
     if (plug) {
         bitmap_set(s->plugged, first, n);
@@ -372,19 +277,19 @@ static void op_plug(Input *in, Side *s, bool plug)
     }
     /* As the device unplugs: the blocks, then the marks on them. */
     bitmap_clear(s->plugged, first, n);
-    dropped = model_count(s, first * block_size / PAGE,
+    dropped = model_count(&s->m, first * block_size / PAGE,
                           (first + n) * block_size / PAGE);
     g_assert(virtio_mem_vmemmap_unmark(&s->vm, first * block_size,
                                        n * block_size) == dropped * PAGE);
-    model_set(s, first * block_size / PAGE, n * block_size / PAGE, 0);
+    model_set(&s->m, first * block_size / PAGE, n * block_size / PAGE, 0);
 }
 
 static void op_unplug_all(Side *s)
 {
-    bitmap_clear(s->plugged, 0, s->nr_blocks);
-    memset(s->blk, 0, s->nr_blocks);
+    bitmap_clear(s->plugged, 0, s->m.nr_blocks);
+    memset(s->m.blk, 0, s->m.nr_blocks);
     virtio_mem_vmemmap_clear(&s->vm);
-    model_set(s, 0, s->nr_pages, 0);
+    model_set(&s->m, 0, s->m.nr_pages, 0);
 }
 
 static void op_report(Input *in, Side *s)
@@ -393,7 +298,7 @@ static void op_report(Input *in, Side *s)
     VirtIOMEMVmemmapCheck want, got;
 
     gen_range(in, s, &addr, &size);
-    want = model_check(s, base, usable, addr, size);
+    want = model_check(&s->m, base, usable, addr, size);
     got = virtio_mem_vmemmap_check(&s->vm, base, usable, addr, size);
     if (got != want) {
         fprintf(stderr, "check 0x%" PRIx64 "+0x%" PRIx64 " (base 0x%" PRIx64
@@ -405,20 +310,20 @@ static void op_report(Input *in, Side *s)
     g_assert(strlen(virtio_mem_vmemmap_check_str(got)));
     if (got == VIRTIO_MEM_VMEMMAP_OK) {
         virtio_mem_vmemmap_mark(&s->vm, addr - base, size);
-        model_set(s, (addr - base) / PAGE, size / PAGE, 1);
+        model_set(&s->m, (addr - base) / PAGE, size / PAGE, 1);
     }
 }
 
 static void op_unmark(Input *in, Side *s)
 {
-    const uint64_t first = U16(in) % (s->nr_pages + 16);
-    const uint64_t n = U16(in) % (s->nr_pages + 16);
-    const uint64_t end = MIN(first + n, s->nr_pages);
+    const uint64_t first = U16(in) % (s->m.nr_pages + 16);
+    const uint64_t n = U16(in) % (s->m.nr_pages + 16);
+    const uint64_t end = MIN(first + n, s->m.nr_pages);
     uint64_t want = 0;
 
     if (first < end) {
-        want = model_count(s, first, end);
-        model_set(s, first, end - first, 0);
+        want = model_count(&s->m, first, end);
+        model_set(&s->m, first, end - first, 0);
     }
     g_assert(virtio_mem_vmemmap_unmark(&s->vm, first * PAGE, n * PAGE) ==
              want * PAGE);
@@ -426,25 +331,25 @@ static void op_unmark(Input *in, Side *s)
 
 static void op_intersects(Input *in, Side *s)
 {
-    const uint64_t first = U16(in) % s->nr_pages;
-    const uint64_t n = U16(in) % (s->nr_pages - first + 1);
+    const uint64_t first = U16(in) % s->m.nr_pages;
+    const uint64_t n = U16(in) % (s->m.nr_pages - first + 1);
 
     g_assert(virtio_mem_vmemmap_intersects(&s->vm, first * PAGE, n * PAGE) ==
-             (n && model_count(s, first, first + n)));
+             (n && model_count(&s->m, first, first + n)));
 }
 
 /* Where does the run that holds or follows page @first start and end? */
 static void op_next_range(Input *in, Side *s)
 {
-    const uint64_t offset = U16(in) % (s->nr_pages + 1) * PAGE;
+    const uint64_t offset = U16(in) % (s->m.nr_pages + 1) * PAGE;
     uint64_t first = offset / PAGE, end, start, size;
     bool found;
 
-    if (!model_next_run(s, first, s->nr_pages, &first, &end)) {
-        first = s->nr_pages;
+    if (!model_next_run(&s->m, first, s->m.nr_pages, &first, &end)) {
+        first = s->m.nr_pages;
     }
     found = virtio_mem_vmemmap_next_range(&s->vm, offset, &start, &size);
-    g_assert(found == (first < s->nr_pages));
+    g_assert(found == (first < s->m.nr_pages));
     /*
      * From inside a run the code returns the run's part from @offset on
      * (header: "the first maximal run ... that ends after @offset");
@@ -460,7 +365,7 @@ static size_t model_stream(const Side *s, uint8_t *buf)
     uint64_t i = 0, first, end, n = 0;
 
     file_put(&f, 0, 4);
-    while (model_next_run(s, i, s->nr_pages, &first, &end)) {
+    while (model_next_run(&s->m, i, s->m.nr_pages, &first, &end)) {
         file_put(&f, first * PAGE, 8);
         file_put(&f, (end - first) * PAGE, 8);
         i = end;
@@ -481,26 +386,26 @@ static int model_load(Side *d, const uint8_t *buf, size_t len)
     uint64_t cursor = 0, start, size;
     int32_t i;
 
-    if (!d->enabled) {
+    if (!d->m.enabled) {
         return -EINVAL;
     }
-    if (nr < 0 || (uint64_t)nr > DIV_ROUND_UP(d->nr_pages, 2)) {
+    if (nr < 0 || (uint64_t)nr > DIV_ROUND_UP(d->m.nr_pages, 2)) {
         return -EINVAL;     /* refused before anything changes */
     }
-    model_set(d, 0, d->nr_pages, 0);
+    model_set(&d->m, 0, d->m.nr_pages, 0);
     for (i = 0; i < nr; i++) {
         start = file_get(&f, 8);
         size = file_get(&f, 8);
         if (f.error) {
-            model_set(d, 0, d->nr_pages, 0);
+            model_set(&d->m, 0, d->m.nr_pages, 0);
             return f.error;
         }
-        if (model_check(d, 0, d->region, start, size) !=
+        if (model_check(&d->m, 0, d->m.region, start, size) !=
             VIRTIO_MEM_VMEMMAP_OK || start < cursor) {
-            model_set(d, 0, d->nr_pages, 0);
+            model_set(&d->m, 0, d->m.nr_pages, 0);
             return -EINVAL;
         }
-        model_set(d, start / PAGE, size / PAGE, 1);
+        model_set(&d->m, start / PAGE, size / PAGE, 1);
         cursor = start + size + PAGE;
     }
     return 0;
@@ -527,7 +432,8 @@ static size_t mutate_stream(Input *in, uint8_t *buf, size_t len)
         break;
     case 4:         /* a pair appended */
         if (len + 16 <= MAX_STREAM) {
-            stq_be_p(buf + len, U64(in) % MAX_REGION & ~(uint64_t)(PAGE - 1));
+            stq_be_p(buf + len,
+                     U64(in) % MODEL_MAX_REGION & ~(uint64_t)(PAGE - 1));
             stq_be_p(buf + len + 8, (1 + U8(in) % 16) * PAGE);
             stl_be_p(buf, ldl_be_p(buf) + 1);
             len += 16;
@@ -557,7 +463,7 @@ static size_t mutate_stream(Input *in, uint8_t *buf, size_t len)
         break;
     default:        /* a count no region can hold */
         stl_be_p(buf, U8(in) & 1 ? 0x80000000u + U8(in) :
-                 (uint32_t)DIV_ROUND_UP(dst_side.nr_pages, 2) + U8(in) % 2);
+                 (uint32_t)DIV_ROUND_UP(dst_side.m.nr_pages, 2) + U8(in) % 2);
         break;
     }
     return len;
@@ -574,7 +480,7 @@ static void op_migrate(Input *in, Side *s, Side *d)
     /* put writes exactly the runs the model holds */
     g_assert(info->put(&f, &s->vm, sizeof(s->vm), NULL, NULL) == 0);
     want_len = model_stream(s, want);
-    if (!s->enabled) {
+    if (!s->m.enabled) {
         /* (the device registers the section only with accounting on) */
         g_assert(f.len == 4 && !ldl_be_p(stream_buf));
     } else {
@@ -603,19 +509,19 @@ static void op_load_ranges(Input *in, Side *d)
 
     if (U8(in) & 1) {
         virtio_mem_vmemmap_clear(&d->vm);
-        model_set(d, 0, d->nr_pages, 0);
+        model_set(&d->m, 0, d->m.nr_pages, 0);
     }
     for (i = 0; i < n && in_more(in); i++) {
         gen_range(in, d, &addr, &size);
         addr -= base;   /* offsets into the region */
-        want = model_check(d, 0, d->region, addr, size);
+        want = model_check(&d->m, 0, d->m.region, addr, size);
         if (want == VIRTIO_MEM_VMEMMAP_OK && addr < mcursor) {
             want = VIRTIO_MEM_VMEMMAP_UNORDERED;
         }
         got = virtio_mem_vmemmap_load_range(&d->vm, &cursor, addr, size);
         g_assert(got == want);
         if (got == VIRTIO_MEM_VMEMMAP_OK) {
-            model_set(d, addr / PAGE, size / PAGE, 1);
+            model_set(&d->m, addr / PAGE, size / PAGE, 1);
             mcursor = addr + size + PAGE;
         }
         g_assert(cursor == mcursor);
@@ -628,26 +534,26 @@ static void op_copy_plugged(Input *in, Side *s, Side *d)
     /* The destination's blocks as migrated RAM leaves them (sometimes not). */
     uint64_t b;
 
-    for (b = 0; b < d->nr_blocks; b++) {
-        d->blk[b] = b < s->nr_blocks && s->blk[b];
+    for (b = 0; b < d->m.nr_blocks; b++) {
+        d->m.blk[b] = b < s->m.nr_blocks && s->m.blk[b];
     }
-    if (U8(in) & 1 && d->nr_blocks) {
-        d->blk[U8(in) % d->nr_blocks] ^= 1;
+    if (U8(in) & 1 && d->m.nr_blocks) {
+        d->m.blk[U8(in) % d->m.nr_blocks] ^= 1;
     }
-    bitmap_zero(d->plugged, d->nr_blocks);
-    for (b = 0; b < d->nr_blocks; b++) {
-        if (d->blk[b]) {
+    bitmap_zero(d->plugged, d->m.nr_blocks);
+    for (b = 0; b < d->m.nr_blocks; b++) {
+        if (d->m.blk[b]) {
             set_bit(b, d->plugged);
         }
     }
     /* blocks that were unplugged lose their marks, as on the device */
-    for (b = 0; b < d->nr_blocks; b++) {
-        if (!d->blk[b]) {
+    for (b = 0; b < d->m.nr_blocks; b++) {
+        if (!d->m.blk[b]) {
             g_assert(virtio_mem_vmemmap_unmark(&d->vm, b * block_size,
                                                block_size) ==
-                     model_count(d, b * block_size / PAGE,
+                     model_count(&d->m, b * block_size / PAGE,
                                  (b + 1) * block_size / PAGE) * PAGE);
-            model_set(d, b * block_size / PAGE, block_size / PAGE, 0);
+            model_set(&d->m, b * block_size / PAGE, block_size / PAGE, 0);
         }
     }
 }
@@ -706,7 +612,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             break;
         case 9:
             virtio_mem_vmemmap_clear(&src_side.vm);
-            model_set(&src_side, 0, src_side.nr_pages, 0);
+            model_set(&src_side.m, 0, src_side.m.nr_pages, 0);
             break;
         case 10:
             op_intersects(&in, &src_side);
