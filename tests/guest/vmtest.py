@@ -21,7 +21,9 @@ import time
 TOP = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))
 BUILD = os.path.join(TOP, 'build')
 GUEST = os.path.join(BUILD, 'guest')
-QEMU = os.path.join(BUILD, 'qemu-system-x86_64')
+# VMTEST_QEMU: another build of the fork (scripts/check-asan: the ASan one).
+QEMU = (os.environ.get('VMTEST_QEMU') or
+        os.path.join(BUILD, 'qemu-system-x86_64'))
 STOCK_QEMU = os.path.join(BUILD, 'qemu-system-x86_64-stock')
 sys.path.insert(0, os.path.join(BUILD, 'qemu-src', 'python'))
 
