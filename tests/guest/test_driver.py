@@ -190,7 +190,10 @@ def test_hvo():
         # ZONE_MOVABLE memory, whose memmap is self-hosted, so HVO must
         # leave every one of them alone (PageVmemmapSelfHosted).
         before = memmap_pages(g)
-        g.run('echo 256 > /proc/sys/vm/nr_hugepages', check=True)
+        # Allocating them compacts movable memory: minutes under TCG on a
+        # busy host.
+        g.run('echo 256 > /proc/sys/vm/nr_hugepages', check=True,
+              timeout=600)
         got = int(g.run('cat /proc/sys/vm/nr_hugepages', check=True)[1])
         after = memmap_pages(g)
         log(f'HVO: {got} HugeTLB pages allocated, memmap pages {before} -> '
