@@ -29,6 +29,15 @@ start of each added block).
 
 Guests are small (256 MiB, a 1-2 GiB device) so that the whole file runs
 in a few minutes under TCG.
+
+The migration tests run one vCPU.  With two, a guest migrated while its
+virtio-mem driver unplugs comes up on the destination with corrupted
+timer lists now and then ("WARNING ... timerqueue_del", a general
+protection fault on LIST_POISON, or no answer at all), and so does stock
+QEMU 10.0 with Debian's own module: 2 of 6 stock runs here, against 0 of
+12 with one vCPU and 0 of 6 for a two-vCPU guest migrated while busy
+copying files without resizing.  That is QEMU's (multi-threaded TCG)
+problem, not the accounting's, and it would only make these tests flaky.
 """
 
 import json
@@ -46,6 +55,7 @@ VMEMMAP = 2 * MiB       # memmap of one memory block
 SETTLE = 90             # seconds a resize may take to settle under TCG
 RESP_NACK, RESP_BUSY = '1', '2'     # virtio_mem_resp.type, as traced
 SLOW_LINK = 32 * MiB    # bytes/s: a migration takes seconds, not ms
+MIG_SMP = 1             # vCPUs of a guest that migrates (see above)
 
 
 def device(accounting=True, size='2G', **kw):
@@ -119,7 +129,7 @@ def migrate_mid_resize(name, start, target, after, wait_start=False):
     once (or, wait_start, as soon as `size` moved), so that the guest's
     requests meet the migration; then compare both sides, resume the
     destination and resize to `after`."""
-    with project(name) as src:
+    with project(name, smp=MIG_SMP) as src:
         settle(src, start)
         with incoming_for(src, f'flt-{name}-dst') as dst:
             src.qom_set('requested-size', target)
@@ -304,7 +314,7 @@ def early_failure(res, dst, why):
 
 
 def test_migrate_to_no_feature():
-    with project('mig-off') as src:
+    with project('mig-off', smp=MIG_SMP) as src:
         st0 = settle(src, 256 * MiB)
         check(st0['vmemmap-size'] == 2 * VMEMMAP, state_note(st0))
         for label, qemu, dev, words in (
@@ -312,8 +322,8 @@ def test_migrate_to_no_feature():
                  ('vmemmap-accounting',)),
                 ('stock QEMU', STOCK_QEMU, device(None),
                  ('virtio-mem-device-early',))):
-            with incoming_for(src, f'flt-mig-off-{qemu == QEMU}', qemu=qemu,
-                              device=dev) as dst:
+            with incoming_for(src, f'flt-mig-off-{label.split()[0]}',
+                              qemu=qemu, device=dev) as dst:
                 res = migrate(src, dst, bandwidth=SLOW_LINK)
                 said = early_failure(res, dst, label)
             check(res['transferred'] < 16 * MiB,
@@ -331,7 +341,7 @@ def test_migrate_to_no_feature():
 def test_migrate_unused_feature():
     # The stock module never negotiates the feature: no marks, so the
     # fork with the property off and stock QEMU take the guest as is.
-    with project('mig-unused', module='stock') as src:
+    with project('mig-unused', module='stock', smp=MIG_SMP) as src:
         st0 = settle(src, 256 * MiB)
         check(st0['vmemmap-size'] == 0, state_note(st0))
         with incoming_for(src, 'flt-mig-unused-off',

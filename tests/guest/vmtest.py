@@ -745,7 +745,10 @@ def guest_errors(g, st, v, memmap=None):
         if stray:
             errs.append(f'guest holds memory blocks {sorted(stray)} with '
                         'nothing plugged')
-    if st.get('vmemmap') is not None and present and memmap and negotiated:
+    # Marks come from a driver that negotiated the feature (or from one
+    # that since went away and left its memory behind).
+    if st.get('vmemmap') is not None and present and memmap and \
+            (negotiated or not bound):
         per = memmap // len(present)
         want = [{'offset': i * mb - base, 'length': per}
                 for i in sorted(present)]
