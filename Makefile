@@ -18,6 +18,11 @@ check-qemu:
 	CHECK_ONLY=qemu ./scripts/check
 check-guest:
 	CHECK_ONLY=guest ./scripts/check
+check-asan:
+	./scripts/check-asan
+# FUZZ_SECONDS (per harness, default 300) and FUZZ_JOBS bound the run.
+fuzz:
+	./scripts/fuzz
 bench:
 	./scripts/bench
 demo:

@@ -51,7 +51,7 @@
 #include "vmemmap-model.h"
 
 #define PAGE        MODEL_PAGE
-#define REGION      (256 * MiB)
+#define REGION      (1 * GiB)
 #define BLOCK       (2 * MiB)
 #define NR_BLOCKS   (REGION / BLOCK)
 #define MAX_BATCH   8
@@ -79,6 +79,7 @@ static struct {
     QVirtQueue *vq;
     uint64_t addr, usable, requested, plugged_size;
     uint64_t req_buf, resp_buf;
+    uint16_t avail_idx;         /* the driver's shadow of avail->idx */
     bool negotiated;            /* VIRTIO_MEM_F_VMEMMAP */
     bool broken;                /* NEEDS_RESET seen */
     Model m;
@@ -104,6 +105,7 @@ static uint64_t in_get(Input *in, int bytes)
 
 #define U8(in)  ((unsigned)in_get(in, 1))
 #define U16(in) ((unsigned)in_get(in, 2))
+#define U24(in) ((unsigned)in_get(in, 3))
 #define U64(in) in_get(in, 8)
 
 /* ---- the device ---- */
@@ -140,6 +142,7 @@ static void negotiate(bool vmemmap)
     }
     qvirtio_set_features(dev.vdev, features);
     dev.vq = qvirtqueue_setup(dev.vdev, &dev.alloc, 0);
+    dev.avail_idx = 0;
     qvirtio_set_driver_ok(dev.vdev);
     dev.negotiated = vmemmap;
     dev.broken = false;
@@ -150,13 +153,25 @@ static void negotiate(bool vmemmap)
     }
 }
 
+/*
+ * The usable region virtio-mem offers for a requested size: the request
+ * plus an extent (256 MiB on x86-64), whole blocks, none for 0.  It grows
+ * with requested-size and shrinks only at UNPLUG_ALL.
+ */
+static uint64_t usable_for(uint64_t requested)
+{
+    return requested ? QEMU_ALIGN_UP(MIN(REGION, requested + 256 * MiB),
+                                     BLOCK) : 0;
+}
+
 static void set_requested(uint64_t size)
 {
     qtest_qmp_assert_success(dev.qts, "{ 'execute': 'qom-set', 'arguments':"
                              " { 'path': %s, 'property': 'requested-size',"
                              " 'value': %" PRIu64 " } }", QOM_PATH, size);
     dev.requested = size;
-    dev.usable = config_usable();
+    dev.usable = MAX(dev.usable, usable_for(size));
+    g_assert(config_usable() == dev.usable);
 }
 
 /* At exit: stop QEMU and free what libqos holds (LeakSanitizer looks). */
@@ -223,15 +238,18 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
 static bool submit(Req *r, int n, struct virtio_mem_resp *resp)
 {
     QVirtQueue *vq = dev.vq;
-    struct vring_desc desc[2 * MAX_BATCH];
-    const uint16_t avail = qtest_readw(dev.qts, vq->avail + 2);
-    const uint16_t used = qtest_readw(dev.qts, vq->used + 2);
-    const gint64 deadline = g_get_monotonic_time() + TIMEOUT_US;
     const size_t rsz = sizeof(struct virtio_mem_resp);
+    struct vring_desc desc[2 * MAX_BATCH];
+    struct virtio_mem_req req[MAX_BATCH];
+    uint16_t ring[MAX_BATCH];
+    const uint16_t avail = dev.avail_idx;
+    const gint64 deadline = g_get_monotonic_time() + TIMEOUT_US;
     int i;
 
+    /* As few qtest round trips as can be: they are what an input costs. */
     for (i = 0; i < n; i++) {
-        desc[2 * i].addr = cpu_to_le64(dev.req_buf + i * sizeof(r[i].req));
+        req[i] = r[i].req;
+        desc[2 * i].addr = cpu_to_le64(dev.req_buf + i * sizeof(req[0]));
         desc[2 * i].len = cpu_to_le32(r[i].out_len);
         desc[2 * i].flags = cpu_to_le16(r[i].in_len ? VRING_DESC_F_NEXT : 0);
         desc[2 * i].next = cpu_to_le16(2 * i + 1);
@@ -239,17 +257,26 @@ static bool submit(Req *r, int n, struct virtio_mem_resp *resp)
         desc[2 * i + 1].len = cpu_to_le32(r[i].in_len);
         desc[2 * i + 1].flags = cpu_to_le16(VRING_DESC_F_WRITE);
         desc[2 * i + 1].next = 0;
-        qtest_memwrite(dev.qts, dev.req_buf + i * sizeof(r[i].req),
-                       &r[i].req, sizeof(r[i].req));
-        qtest_writew(dev.qts, vq->avail + 4 + 2 * ((avail + i) % vq->size),
-                     2 * i);
+        ring[i] = cpu_to_le16(2 * i);
     }
+    qtest_memwrite(dev.qts, dev.req_buf, req, n * sizeof(req[0]));
     qtest_memset(dev.qts, dev.resp_buf, 0xff, n * rsz);
     qtest_memwrite(dev.qts, vq->desc, desc, 2 * n * sizeof(desc[0]));
-    qtest_writew(dev.qts, vq->avail + 2, avail + n);
+    if (avail % vq->size + n <= vq->size) {
+        qtest_memwrite(dev.qts, vq->avail + 4 + 2 * (avail % vq->size), ring,
+                       n * sizeof(ring[0]));
+    } else {
+        for (i = 0; i < n; i++) {
+            qtest_writew(dev.qts, vq->avail + 4 +
+                         2 * ((uint16_t)(avail + i) % vq->size), 2 * i);
+        }
+    }
+    dev.avail_idx = avail + n;
+    qtest_writew(dev.qts, vq->avail + 2, dev.avail_idx);
     dev.vdev->bus->virtqueue_kick(dev.vdev, vq);
 
-    while (qtest_readw(dev.qts, vq->used + 2) != (uint16_t)(used + n)) {
+    /* The device answers while it handles the kick, or breaks. */
+    while (qtest_readw(dev.qts, vq->used + 2) != dev.avail_idx) {
         if (dev.vdev->bus->get_status(dev.vdev) &
             VIRTIO_CONFIG_S_NEEDS_RESET) {
             dev.broken = true;
@@ -260,12 +287,13 @@ static bool submit(Req *r, int n, struct virtio_mem_resp *resp)
             abort();
         }
     }
-    vq->last_used_idx = used + n;
+    vq->last_used_idx = dev.avail_idx;
     qtest_memread(dev.qts, dev.resp_buf, resp, n * rsz);
     return true;
 }
 
 /* ---- the model of the plug state (virtio_mem_state_change_request) ---- */
+
 
 static bool valid_range(uint64_t gpa, uint64_t size)
 {
@@ -291,11 +319,11 @@ static void plan_change(Req *r, Input *in, bool plug)
     uint64_t gpa, nb;
 
     if (mode < 6) {         /* whole blocks, in or just past the region */
-        gpa = dev.addr + (uint64_t)(U8(in) % (NR_BLOCKS + 4)) * BLOCK;
+        gpa = dev.addr + (uint64_t)(U16(in) % (NR_BLOCKS + 4)) * BLOCK;
         nb = mode < 5 ? 1 + U8(in) % 8 : U16(in);
     } else if (mode == 6) { /* misaligned */
-        gpa = dev.addr + (uint64_t)(U8(in) % NR_BLOCKS) * BLOCK +
-              (1 + U16(in)) * PAGE;
+        gpa = dev.addr + (uint64_t)(U16(in) % NR_BLOCKS) * BLOCK +
+              (1 + U8(in)) * PAGE;
         nb = 1 + U8(in) % 4;
     } else {                /* anything */
         gpa = U64(in);
@@ -327,7 +355,7 @@ static void plan_change(Req *r, Input *in, bool plug)
 
 static void plan_state(Req *r, Input *in)
 {
-    const uint64_t gpa = dev.addr + (uint64_t)(U8(in) % (NR_BLOCKS + 2)) *
+    const uint64_t gpa = dev.addr + (uint64_t)(U16(in) % (NR_BLOCKS + 2)) *
                          BLOCK;
     const uint64_t nb = 1 + U8(in) % 16;
 
@@ -349,11 +377,11 @@ static void plan_vmemmap(Req *r, Input *in)
 
     switch (mode) {
     case 0 ... 3:   /* a few pages in or just past the region */
-        addr = dev.addr + (uint64_t)(U16(in) % (REGION / PAGE + 16)) * PAGE;
+        addr = dev.addr + (uint64_t)(U24(in) % (REGION / PAGE + 16)) * PAGE;
         size = (uint64_t)(1 + U8(in) % 64) * PAGE;
         break;
     case 4:         /* a whole block, like an SBM memmap */
-        addr = dev.addr + (uint64_t)(U8(in) % NR_BLOCKS) * BLOCK;
+        addr = dev.addr + (uint64_t)(U16(in) % NR_BLOCKS) * BLOCK;
         size = (1 + U8(in) % 2) * BLOCK;
         break;
     case 5:         /* at the end of the usable region */
@@ -445,6 +473,9 @@ static void check_state(void)
     g_assert(marked == dev.m.nr_marked * PAGE);
     g_assert(qdict_get_int(st, "vmemmap-size") == marked);
     g_assert(qdict_get_int(st, "requested-size") == dev.requested);
+    g_assert(qdict_get_int(st, "region-size") == REGION);
+    g_assert(qdict_get_int(st, "block-size") == BLOCK);
+    g_assert(config_usable() == dev.usable);
     qobject_unref(rsp);
 }
 
@@ -508,6 +539,7 @@ static void op_requests(Input *in)
         case 4:
             r[i].req.type = cpu_to_le16(VIRTIO_MEM_REQ_UNPLUG_ALL);
             r[i].want = VIRTIO_MEM_RESP_ACK;
+            dev.usable = usable_for(dev.requested);
             memset(dev.m.blk, 0, NR_BLOCKS);
             model_set(&dev.m, 0, dev.m.nr_pages, 0);
             dev.plugged_size = 0;
@@ -571,7 +603,8 @@ static void op_requests(Input *in)
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     static const uint64_t requested[] = {
-        0, 16 * MiB, 64 * MiB, 128 * MiB, 200 * MiB, REGION, REGION, REGION,
+        0, 16 * MiB, 64 * MiB, 128 * MiB, 200 * MiB, 512 * MiB, 768 * MiB,
+        REGION,
     };
     Input in = { data, data + size };
     int ops = 0;
@@ -593,6 +626,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     memset(dev.m.blk, 0, NR_BLOCKS);
     model_set(&dev.m, 0, dev.m.nr_pages, 0);
     dev.plugged_size = 0;
+    dev.usable = usable_for(dev.requested);
     set_requested(requested[(flags >> 2) % 8]);
     check_state();
 

@@ -415,10 +415,11 @@ static int model_load(Side *d, const uint8_t *buf, size_t len)
 static size_t mutate_stream(Input *in, uint8_t *buf, size_t len)
 {
     const unsigned nr_pairs = (len - 4) / 16;
-    unsigned k = nr_pairs ? U8(in) % nr_pairs : 0;
+    const unsigned kind = U8(in) % 9;
+    const unsigned k = nr_pairs ? U8(in) % nr_pairs : 0;
     uint8_t tmp[16];
 
-    switch (U8(in) % 9) {
+    switch (kind) {
     case 0:         /* exact */
         break;
     case 1:         /* one byte flipped */

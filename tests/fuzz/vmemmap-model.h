@@ -20,7 +20,7 @@
 #include "hw/virtio/virtio-mem-vmemmap.h"
 
 #define MODEL_PAGE          VIRTIO_MEM_VMEMMAP_ALIGN
-#define MODEL_MAX_REGION    (256 * MiB)
+#define MODEL_MAX_REGION    (1 * GiB)
 #define MODEL_MAX_PAGES     (MODEL_MAX_REGION / MODEL_PAGE)
 #define MODEL_MAX_BLOCKS    (MODEL_MAX_REGION / (2 * MiB))
 
