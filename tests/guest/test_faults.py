@@ -20,10 +20,11 @@ start of each added block).
   - a device reset followed by a driver that does not negotiate
     VIRTIO_MEM_F_VMEMMAP (the stock module): the marks are dropped,
     nothing else changes;
-  - migration with marks to a fork with vmemmap-accounting=off and to
-    stock QEMU fails early (while loading the early section, before RAM)
-    with a message naming the cause, the source runs on unchanged;
-    without marks (a driver that does not use the feature) both succeed;
+  - migration with marks, or with the feature negotiated and nothing
+    marked, to a fork with vmemmap-accounting=off and to stock QEMU fails
+    early (while loading the early section, before RAM) with a message
+    naming the cause, and the source runs on unchanged; with a driver
+    that did not negotiate the feature both succeed;
   - prealloc=on under a host memory cgroup limit: a plug the host cannot
     back gets BUSY, nothing is half plugged or half marked, QEMU lives.
 
@@ -313,16 +314,18 @@ def early_failure(res, dst, why):
     return said
 
 
-def test_migrate_to_no_feature():
-    with project('mig-off', smp=MIG_SMP) as src:
+def migrate_to_no_feature(name, vmemmap, **kw):
+    """A guest whose driver negotiated the feature (and marked `vmemmap`
+    bytes at 256 MiB plugged) cannot move to a device without it."""
+    with project(name, smp=MIG_SMP, **kw) as src:
         st0 = settle(src, 256 * MiB)
-        check(st0['vmemmap-size'] == 2 * VMEMMAP, state_note(st0))
+        check(st0['vmemmap-size'] == vmemmap, state_note(st0))
         for label, qemu, dev, words in (
                 ('vmemmap-accounting=off', QEMU, device(False),
                  ('vmemmap-accounting',)),
                 ('stock QEMU', STOCK_QEMU, device(None),
                  ('virtio-mem-device-early',))):
-            with incoming_for(src, f'flt-mig-off-{label.split()[0]}',
+            with incoming_for(src, f'flt-{name}-{label.split()[0]}',
                               qemu=qemu, device=dev) as dst:
                 res = migrate(src, dst, bandwidth=SLOW_LINK)
                 said = early_failure(res, dst, label)
@@ -336,6 +339,19 @@ def test_migrate_to_no_feature():
             same_state(st0, check_invariants(src), f'source after {label}')
         settle(src, 512 * MiB)
         clean_log(src)
+
+
+def test_migrate_marks_to_no_feature():
+    migrate_to_no_feature('mig-off', 2 * VMEMMAP)
+
+
+def test_migrate_negotiated_to_no_feature():
+    # memmap_on_memory off: the driver negotiates the feature but never
+    # marks anything.  The destination could not honour the feature all
+    # the same, and must say so before RAM, not when the device section
+    # arrives at the end.
+    migrate_to_no_feature('mig-nomarks', 0,
+                          modparams={'memmap_on_memory': 0})
 
 
 def test_migrate_unused_feature():
@@ -433,7 +449,10 @@ def main():
     t.case('device reset, then a driver without the feature',
            test_reset_then_stock_driver)
     t.case('migration with marks to vmemmap-accounting=off and to stock '
-           'QEMU fails early', test_migrate_to_no_feature)
+           'QEMU fails early', test_migrate_marks_to_no_feature)
+    t.case('migration with the feature negotiated, nothing marked, to '
+           'vmemmap-accounting=off and stock QEMU fails early',
+           test_migrate_negotiated_to_no_feature)
     t.case('migration without marks to vmemmap-accounting=off and stock '
            'QEMU', test_migrate_unused_feature)
     t.case('prealloc=on under a host memory limit: BUSY, nothing half done',
