@@ -22,9 +22,12 @@
  *
  * Honest limits: libFuzzer's coverage feedback is the harness's own
  * (which operations and answers an input reached), not QEMU's: QEMU runs
- * in another process without coverage instrumentation.  QEMU's own fuzzer
- * (--enable-fuzzing, qemu-fuzz-x86_64) would see the device's edges; see
- * tests/fuzz/README in the header of scripts/fuzz for why it is not used.
+ * in another process without coverage instrumentation, so the fuzzer
+ * steers by what the device answered, not by which of its branches ran.
+ * Each step costs qtest round trips: tens to hundreds of inputs a second,
+ * not thousands.  QEMU's own fuzzer (--enable-fuzzing, qemu-fuzz-x86_64,
+ * generic-fuzz) would see the device's edges, at the price of a third
+ * full QEMU build with clang; scripts/fuzz says why it is not used.
  *
  * Build and run: scripts/fuzz vmemmap-device (make fuzz); corpus in
  * tests/fuzz/corpus/vmemmap-device/.
