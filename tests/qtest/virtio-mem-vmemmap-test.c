@@ -1239,6 +1239,25 @@ static void save_driven(const char *bin_var, const char *opts,
     dev_stop(d);
 }
 
+/* Poll until the VM runs. */
+static void wait_running(QTestState *qts)
+{
+    gint64 deadline = g_get_monotonic_time() + TIMEOUT_US;
+
+    for (;;) {
+        QDict *rsp = qtest_qmp(qts, "{ 'execute': 'query-status' }");
+        bool running = qdict_get_bool(qdict_get_qdict(rsp, "return"),
+                                      "running");
+
+        qobject_unref(rsp);
+        if (running) {
+            return;
+        }
+        g_assert_cmpint(g_get_monotonic_time(), <, deadline);
+        g_usleep(10 * 1000);
+    }
+}
+
 /* Load the stream @in on @bin_var, check what arrived, save it to @out. */
 static void load_and_save(const char *bin_var, const char *opts,
                           const char *in, const char *out)
@@ -1247,7 +1266,11 @@ static void load_and_save(const char *bin_var, const char *opts,
     QTestState *qts = qemu_start(bin_var, opts, incoming);
     uint64_t bs;
 
-    qtest_qmp_eventwait(qts, "RESUME");
+    /*
+     * Poll rather than wait for RESUME: a small stream can be loaded
+     * before the QMP connection is up, and the event is then gone.
+     */
+    wait_running(qts);
     bs = qom_get_u64(qts, "block-size");
     /* Blocks 0 and 2 are plugged: see compat_script and save_driven(). */
     g_assert_cmpuint(qom_get_u64(qts, "size"), ==, 2 * bs);
