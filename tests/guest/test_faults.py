@@ -51,7 +51,6 @@ from vmtest import (QEMU, STOCK_QEMU, GiB, Guest, HarnessError, MiB, Tests,
                     check, check_invariants, device_state, guest_view,
                     incoming_for, log, migrate, poll, require_kit)
 
-MB = 128 * MiB          # Linux memory block on x86-64
 VMEMMAP = 2 * MiB       # memmap of one memory block
 SETTLE = 90             # seconds a resize may take to settle under TCG
 RESP_NACK, RESP_BUSY = '1', '2'     # virtio_mem_resp.type, as traced
