@@ -176,10 +176,8 @@ static VirtIOMEM *virtio_mem_find(const char *path, Error **errp)
         error_setg(errp, "no object at '%s'", path);
         return NULL;
     }
-    if (object_dynamic_cast(obj, TYPE_VIRTIO_MEM)) {
-        return VIRTIO_MEM(obj);
-    }
-    backend = object_resolve_path_component(obj, "virtio-backend");
+    backend = object_dynamic_cast(obj, TYPE_VIRTIO_MEM) ? obj :
+              object_resolve_path_component(obj, "virtio-backend");
     if (!backend || !object_dynamic_cast(backend, TYPE_VIRTIO_MEM)) {
         error_setg(errp, "'%s' is not a virtio-mem device", path);
         return NULL;
