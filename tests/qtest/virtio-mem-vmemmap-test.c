@@ -741,6 +741,39 @@ static void test_migration_to_off(void)
 }
 
 /*
+ * A driver without the feature takes over while a migration runs, after
+ * the early section carried the marks: both sides end without marks.
+ */
+static void test_migration_renegotiate(void)
+{
+    g_autofree char *sock = g_strdup_printf("%s/vmemmap-mig-%d.sock",
+                                            g_get_tmp_dir(), getpid());
+    g_autofree char *uri = g_strdup_printf("unix:%s", sock);
+    g_autofree char *incoming = g_strdup_printf("-incoming %s", uri);
+    const char *opts = "vmemmap-accounting=on,block-size=2M";
+    Dev *src = dev_start(opts, true);
+    QTestState *dst = qemu_start(NULL, opts, incoming);
+
+    set_requested(src, 64 * MiB);
+    g_assert_cmpint(plug(src, 0, 4 * MiB), ==, VIRTIO_MEM_RESP_ACK);
+    g_assert_cmpint(vmemmap(src, 0, 2 * MiB), ==, VIRTIO_MEM_RESP_ACK);
+    migrate_throttled(src, uri);
+    wait_migration_status(src->qts, "active");
+
+    dev_negotiate(src, false);
+    assert_reported(src, 4 * MiB, 0);
+    qtest_qmp_assert_success(src->qts, "{ 'execute': 'migrate-set-parameters',"
+                             " 'arguments': { 'max-bandwidth': %" PRIu64
+                             " } }", (uint64_t)10 * GiB);
+    qtest_qmp_eventwait(dst, "RESUME");
+    g_assert_cmpuint(qom_get_u64(dst, "size"), ==, 4 * MiB);
+    g_assert_cmpuint(qom_get_u64(dst, "vmemmap-size"), ==, 0);
+    qtest_quit(dst);
+    unlink(sock);
+    dev_stop(src);
+}
+
+/*
  * An invalid request is an ERROR while migration runs too; a valid one
  * is BUSY then, and is accepted once migration has ended.
  */
@@ -1378,6 +1411,8 @@ int main(int argc, char **argv)
     qtest_add_func("/virtio-mem-vmemmap/migration", test_migration);
     qtest_add_func("/virtio-mem-vmemmap/migration-to-off",
                    test_migration_to_off);
+    qtest_add_func("/virtio-mem-vmemmap/migration-renegotiate",
+                   test_migration_renegotiate);
     qtest_add_func("/virtio-mem-vmemmap/busy", test_busy);
     qtest_add_func("/virtio-mem-vmemmap/worst-pattern", test_worst_pattern);
     qtest_add_func("/virtio-mem-vmemmap/footprint", test_footprint);
