@@ -153,6 +153,29 @@ def test_enospc_never_overshoots():
         expect_state(g, base, 0)
 
 
+def test_unplug_stops_short():
+    # One block holding its memmap (2 MiB) and one usable 2 MiB subblock:
+    # shrinking by 2 MiB would unplug the usable subblock and then, with
+    # the block removed, its memmap as well (4 MiB).  The driver stops
+    # short with -ENOSPC instead, says why once, and does not retry until
+    # the request changes.
+    with guest_for('project', 'drv-short', '512M', '2G') as g:
+        base = g.mem_total()
+        check(vmemmap_negotiated(g), 'VIRTIO_MEM_F_VMEMMAP not negotiated')
+        g.resize(4 * MiB)
+        expect_state(g, base, 4 * MiB)
+        g.qom_set('requested-size', 2 * MiB)
+        line = ('memmap_on_memory: not unplugging the last 0x200000 bytes, '
+                'that would unplug more than requested')
+        poll(lambda: line in g.console(), 60, 'the driver to stop short')
+        expect_state(g, base, 2 * MiB, size=4 * MiB)
+        said_once(g, line)
+        g.resize(0)
+        expect_state(g, base, 0)
+        said_once(g, line)
+        log('4 MiB -> 2 MiB: stayed at 4 MiB, said why once; then 0 ok')
+
+
 def test_reboot_mid_resize():
     with guest_for('project', 'drv-reboot', '512M', '4G') as g:
         g.qom_set('requested-size', 2 * GiB)
@@ -221,10 +244,23 @@ def said_once(g, line):
     check(n == 1, f'guest log says "{line}" {n} times, not once')
 
 
+def vmemmap_negotiated(g):
+    """Whether the guest driver negotiated VIRTIO_MEM_F_VMEMMAP (bit 3 of
+    the virtio-mem device's (id 24) features, one character per bit)."""
+    st, out = g.run('for d in /sys/bus/virtio/devices/*; do '
+                    '[ "$(cat $d/device)" = 0x0018 ] && cat $d/features; '
+                    'done')
+    feats = out.split()
+    check(st == 0 and len(feats) == 1,
+          f'no single virtio-mem device in the guest: {out.strip()}')
+    return len(feats[0]) > 3 and feats[0][3] == '1'
+
+
 def test_memmap_off():
     # The module parameter, then the kernel's own switch: the patched
-    # driver behaves as stock (memmap in boot memory, nothing reported)
-    # and says why, once.
+    # driver behaves as stock (memmap in boot memory, nothing reported),
+    # does not negotiate VIRTIO_MEM_F_VMEMMAP (so vmemmap-size is 0 by
+    # the device's own rule too) and says why, once.
     for name, kw, why in (
             ('param', {'modparams': {'memmap_on_memory': 0},
                        'memmap_on_memory': True}, 'module parameter'),
@@ -232,10 +268,12 @@ def test_memmap_off():
              'memory_hotplug.memmap_on_memory is off or unsupported')):
         dev = {'size': '2G', 'block_size': '2M', 'vmemmap_accounting': True}
         with Guest(f'drv-off-{name}', device=dev, **kw) as g:
+            check(not vmemmap_negotiated(g),
+                  'VIRTIO_MEM_F_VMEMMAP negotiated with memmap_on_memory off')
             plug_unplug(g, 0, 0)
             said_once(g, f'memmap_on_memory: off ({why})')
-            log(f'memmap_on_memory off ({why}): 1 GiB plugged and '
-                'unplugged, no memmap on the blocks')
+            log(f'memmap_on_memory off ({why}): feature not negotiated, '
+                '1 GiB plugged and unplugged, no memmap on the blocks')
 
 
 def test_device_without_feature():
@@ -428,6 +466,8 @@ def main():
            test_bbm_kernel)
     t.case('never plugs beyond the request (-ENOSPC short)',
            test_enospc_never_overshoots)
+    t.case('never unplugs beyond the request (-ENOSPC short, no retries)',
+           test_unplug_stops_short)
     t.case('reboot in the middle of a resize', test_reboot_mid_resize)
     t.case('HVO: HugeTLB on self-hosted memmap, then unplug', test_hvo)
     t.case('memmap_on_memory off: module parameter, kernel switch',
