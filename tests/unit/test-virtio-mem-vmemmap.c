@@ -237,8 +237,13 @@ static void test_random(Fixture *f, gconstpointer data)
     g_rand_free(rand);
 }
 
-/* Save @src into a buffer and load it into @dst; returns the load result. */
-static int migrate(VirtIOMEMVmemmap *src, VirtIOMEMVmemmap *dst)
+/*
+ * Write a stream with @write(@opaque) into a file, end it as the section
+ * that holds the state would, and load it into @dst; returns the load
+ * result.
+ */
+static int load_written(void (*write)(QEMUFile *f, const void *opaque),
+                        const void *opaque, VirtIOMEMVmemmap *dst)
 {
     g_autofree char *path = NULL;
     QIOChannelFile *ioc;
@@ -250,9 +255,7 @@ static int migrate(VirtIOMEMVmemmap *src, VirtIOMEMVmemmap *dst)
     ioc = qio_channel_file_new_fd(dup(fd));
     f = qemu_file_new_output(QIO_CHANNEL(ioc));
     object_unref(OBJECT(ioc));
-    g_assert_cmpint(vmstate_save_state(f, &vmstate_virtio_mem_vmemmap, src,
-                                       NULL), ==, 0);
-    /* End of stream, as the section that holds the state would have. */
+    write(f, opaque);
     qemu_put_byte(f, 0);
     qemu_fclose(f);
 
@@ -264,6 +267,18 @@ static int migrate(VirtIOMEMVmemmap *src, VirtIOMEMVmemmap *dst)
     qemu_fclose(f);
     unlink(path);
     return ret;
+}
+
+static void write_state(QEMUFile *f, const void *opaque)
+{
+    g_assert_cmpint(vmstate_save_state(f, &vmstate_virtio_mem_vmemmap,
+                                       (void *)opaque, NULL), ==, 0);
+}
+
+/* Save @src and load it into @dst; returns the load result. */
+static int migrate(VirtIOMEMVmemmap *src, VirtIOMEMVmemmap *dst)
+{
+    return load_written(write_state, src, dst);
 }
 
 static void test_migration(Fixture *f, gconstpointer data)
@@ -294,35 +309,30 @@ static void test_migration(Fixture *f, gconstpointer data)
     virtio_mem_vmemmap_destroy(&dst);
 }
 
+typedef struct RawStream {
+    int32_t nr;
+    const uint64_t *pairs;
+    int nr_pairs;
+} RawStream;
+
+static void write_raw(QEMUFile *f, const void *opaque)
+{
+    const RawStream *raw = opaque;
+    int i;
+
+    qemu_put_be32(f, raw->nr);
+    for (i = 0; i < raw->nr_pairs * 2; i++) {
+        qemu_put_be64(f, raw->pairs[i]);
+    }
+}
+
 /* Load a hand-made stream of @nr (start, size) pairs into @f's state. */
 static int load_raw(Fixture *f, int32_t nr, const uint64_t *pairs,
                     int nr_pairs)
 {
-    g_autofree char *path = NULL;
-    QIOChannelFile *ioc;
-    QEMUFile *qf;
-    int fd, i, ret;
+    const RawStream raw = { .nr = nr, .pairs = pairs, .nr_pairs = nr_pairs };
 
-    fd = g_file_open_tmp("vmemmap-XXXXXX", &path, NULL);
-    g_assert(fd >= 0);
-    ioc = qio_channel_file_new_fd(dup(fd));
-    qf = qemu_file_new_output(QIO_CHANNEL(ioc));
-    object_unref(OBJECT(ioc));
-    qemu_put_be32(qf, nr);
-    for (i = 0; i < nr_pairs * 2; i++) {
-        qemu_put_be64(qf, pairs[i]);
-    }
-    qemu_put_byte(qf, 0);
-    qemu_fclose(qf);
-
-    lseek(fd, 0, SEEK_SET);
-    ioc = qio_channel_file_new_fd(fd);
-    qf = qemu_file_new_input(QIO_CHANNEL(ioc));
-    object_unref(OBJECT(ioc));
-    ret = vmstate_load_state(qf, &vmstate_virtio_mem_vmemmap, &f->vm, 1);
-    qemu_fclose(qf);
-    unlink(path);
-    return ret;
+    return load_written(write_raw, &raw, &f->vm);
 }
 
 /* The destination accepts only what a sequence of requests could make. */
