@@ -167,6 +167,7 @@ def plots(res, outdir):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401 (used as matplotlib.ticker)
     files = []
 
     def save(fig, name):
@@ -277,6 +278,9 @@ def plots(res, outdir):
                   linestyles='--', label='memmap of the whole device (1/64)')
         ax.set_yscale('log')
         ax.set_ylim(top=ax.get_ylim()[1] * 4)
+        for axis in (ax.yaxis.set_major_formatter,
+                     ax.yaxis.set_minor_formatter):
+            axis(matplotlib.ticker.FuncFormatter(lambda v, _: f'{v:g}'))
         ax.set_xticks(range(len(keys)))
         ax.set_xticklabels([f'{int(k) >> 30} GiB device' for k in keys])
         ax.set_ylabel('MiB above base + max(size, requested)')
