@@ -632,7 +632,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             op_load_ranges(&in, &dst_side);
             break;
         default:        /* the usable region moves with requested-size */
-            usable = (1 + U8(&in) % (region / block_size)) * block_size;
+            /* (one block past the region: the code must clamp it) */
+            usable = (1 + U8(&in) % (region / block_size + 1)) * block_size;
             break;
         }
         check_invariants(&src_side);
