@@ -102,9 +102,11 @@ bool virtio_mem_vmemmap_intersects(const VirtIOMEMVmemmap *vm,
                                    uint64_t start, uint64_t size);
 
 /*
- * The first maximal run of marked bytes that ends after @offset, as
- * @start and @size; false if there is none.  Runs are what migration
- * sends and what tools show: sorted, disjoint and never adjacent.
+ * The first run of marked bytes at or after @offset, as @start and @size;
+ * false if there is none.  From 0 or from the end of the previous run,
+ * this walks the maximal runs, which are what migration sends and what
+ * tools show: sorted, disjoint and never adjacent.  (From an offset
+ * inside a run it returns the rest of that run.)
  */
 bool virtio_mem_vmemmap_next_range(const VirtIOMEMVmemmap *vm,
                                    uint64_t offset, uint64_t *start,
