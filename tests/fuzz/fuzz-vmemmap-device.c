@@ -52,6 +52,7 @@
 #include "standard-headers/linux/virtio_mem.h"
 #include "standard-headers/linux/virtio_ring.h"
 #include "vmemmap-model.h"
+#include "fuzz-input.h"
 
 #define PAGE        MODEL_PAGE
 #define REGION      (1 * GiB)
@@ -89,27 +90,6 @@ static struct {
     uint64_t requests, acks, errors, nacks, resets;
 } dev;
 
-/* ---- input decoding (little endian; past the end reads zero) ---- */
-
-typedef struct Input {
-    const uint8_t *p, *end;
-} Input;
-
-static uint64_t in_get(Input *in, int bytes)
-{
-    uint64_t v = 0;
-    int i;
-
-    for (i = 0; i < bytes && in->p < in->end; i++) {
-        v |= (uint64_t)*in->p++ << (8 * i);
-    }
-    return v;
-}
-
-#define U8(in)  ((unsigned)in_get(in, 1))
-#define U16(in) ((unsigned)in_get(in, 2))
-#define U24(in) ((unsigned)in_get(in, 3))
-#define U64(in) in_get(in, 8)
 
 /* ---- the device ---- */
 

@@ -36,6 +36,7 @@
 #include "migration/qemu-file-types.h"
 #include "hw/virtio/virtio-mem-vmemmap.h"
 #include "vmemmap-model.h"
+#include "fuzz-input.h"
 
 #define PAGE        MODEL_PAGE
 /* A stream holds at most one run per two pages. */
@@ -117,32 +118,6 @@ void error_report(const char *fmt, ...)
     }
 }
 
-/* ---- input decoding ---- */
-
-typedef struct Input {
-    const uint8_t *p, *end;
-} Input;
-
-static bool in_more(const Input *in)
-{
-    return in->p < in->end;
-}
-
-/* Little endian; bytes past the end read as zero. */
-static uint64_t in_get(Input *in, int bytes)
-{
-    uint64_t v = 0;
-    int i;
-
-    for (i = 0; i < bytes && in->p < in->end; i++) {
-        v |= (uint64_t)*in->p++ << (8 * i);
-    }
-    return v;
-}
-
-#define U8(in)  ((unsigned)in_get(in, 1))
-#define U16(in) ((unsigned)in_get(in, 2))
-#define U64(in) in_get(in, 8)
 
 /* ---- the reference model ---- */
 
