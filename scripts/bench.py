@@ -21,7 +21,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'tests',
 import scenarios as sc  # noqa: E402
 from vmtest import BUILD, GiB, MiB, log  # noqa: E402
 
-ALL = ('usable', 'footprint', 'speed', 'capacity', 'scaling', 'margin')
+ALL = ('usable', 'footprint', 'speed', 'capacity', 'scaling', 'onlining',
+       'margin')
 JOINT = ('speed', 'scaling')    # scenarios that run both arms together
 
 # Sizes and repetitions, full run and --quick.  Measured under TCG on 2
@@ -53,6 +54,9 @@ def run(args):
                    + ((256,) if args.big else ())],
             reps={k * GiB: v for k, v in SCALING[quick]['reps'].items()},
             mem=SCALING[quick]['mem']),
+        # One traced plug and unplug per arm: where the guest's time goes
+        # (docs/devel/cost.rst).
+        'onlining': lambda arm: sc.onlining(arm, n=(2 if quick else 16) * GiB),
         'margin': lambda arm: {
             str(n * GiB): sc.margin(arm, n * GiB,
                                     touch=MARGIN[quick]['touch'] * GiB,
@@ -147,6 +151,27 @@ def table(res):
                 row(f'scaling ({sca["mem"]} guest): {op} {n >> 30} GiB, median'
                     f' of {len(s[op + "_s"])} (s)', s[op + '_median'],
                     p[op + '_median'], fmt=lambda x: f'{x:.2f}')
+    if 'onlining' in res:
+        s, p = res['onlining']['stock'], res['onlining']['project']
+        size = f'{s["n"] >> 30} GiB ({s["blocks"]} blocks, {s["mem"]} guest)'
+        for op in ('plug', 'unplug'):
+            fs, fp = s[op]['funcs'], p[op]['funcs']
+            row(f'onlining {size}: {op}, traced wall time (s)',
+                s[op]['seconds'], p[op]['seconds'], fmt=lambda x: f'{x:.2f}')
+            z = lambda f, k: f.get('set_zone_contiguous', {}).get(k, 0)
+            row(f'onlining: {op}, set_zone_contiguous calls',
+                z(fs, 'calls'), z(fp, 'calls'), fmt=str)
+            row(f'onlining: {op}, set_zone_contiguous total (ms)',
+                z(fs, 'total_ms'), z(fp, 'total_ms'), fmt=lambda x: f'{x:.0f}')
+            row(f'onlining: {op}, set_zone_contiguous per call, last quarter '
+                '(ms)', z(fs, 'last_q_ms'), z(fp, 'last_q_ms'),
+                fmt=lambda x: f'{x:.2f}')
+            others = sorted(set(fs) | set(fp), key=lambda f: -max(
+                fs.get(f, {}).get('total_ms', 0), fp.get(f, {}).get('total_ms', 0)))
+            for f in [x for x in others if x != 'set_zone_contiguous'][:4]:
+                row(f'onlining: {op}, {f} total (ms)',
+                    fs.get(f, {}).get('total_ms', 0),
+                    fp.get(f, {}).get('total_ms', 0), fmt=lambda x: f'{x:.0f}')
     if 'margin' in res:
         for n in res['margin']['stock']:
             s, p = res['margin']['stock'][n], res['margin']['project'][n]
@@ -220,6 +245,34 @@ def plots(res, outdir):
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
         save(fig, 'drift.png')
+    if 'onlining' in res:
+        on = res['onlining']
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+        for ax, op in zip(axes, ('plug', 'unplug')):
+            fs, fp = on['stock'][op]['funcs'], on['project'][op]['funcs']
+            names = sorted(set(fs) | set(fp), key=lambda f: -max(
+                fs.get(f, {}).get('total_ms', 0),
+                fp.get(f, {}).get('total_ms', 0)))[:6]
+            y = range(len(names))
+            for arm, f, color, off in (('stock', fs, 'r', -0.2),
+                                       ('project', fp, 'g', 0.2)):
+                v = [f.get(x, {}).get('total_ms', 0) / 1e3 for x in names]
+                c = [f.get(x, {}).get('calls', 0) for x in names]
+                ax.barh([i + off for i in y], v, height=0.4, color=color,
+                        label=f'{arm} ({on[arm][op]["seconds"]:.1f} s traced)')
+                for i, (vv, cc) in enumerate(zip(v, c)):
+                    ax.text(vv, i + off, f' {cc} calls', va='center',
+                            fontsize=7)
+            ax.set_yticks(list(y))
+            ax.set_yticklabels(names, fontsize=8)
+            ax.invert_yaxis()
+            ax.set_xlabel('seconds in the function (sum of calls)')
+            ax.set_title(f'{op} {on["stock"]["n"] >> 30} GiB '
+                         f'({on["stock"]["blocks"]} memory blocks)')
+            ax.grid(True, axis='x', alpha=0.3)
+            ax.legend(fontsize=8, loc='lower right')
+        fig.suptitle('guest time in mm hotplug functions (function_graph)')
+        save(fig, 'onlining.png')
     if 'scaling' in res:
         sca = res['scaling']
         sizes = [n / GiB for n in sca['sizes']]

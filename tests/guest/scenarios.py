@@ -291,6 +291,109 @@ def scaling(sizes=(4 * GiB, 16 * GiB), reps=None, mem='6G', timeout=1800):
     return res
 
 
+# --- where the guest spends a plug and an unplug ---------------------
+
+# Functions of mm's memory hotplug path that run at most once per memory
+# block (or once per hotplug) and never inside one another, so that
+# function_graph with max_graph_depth=1 times each call on its own.
+# set_zone_contiguous() is the one that matters (docs/devel/cost.rst): it
+# walks the zone from its start, one pageblock at a time, and runs at the
+# end of every move_pfn_range_to_zone() and remove_pfn_range_from_zone().
+ONLINING_FUNCS = (
+    'set_zone_contiguous', 'memmap_init_range', 'sparse_add_section',
+    'sparse_remove_section', 'create_memory_block_devices',
+    'remove_memory_block_devices', 'start_isolate_page_range',
+    'undo_isolate_page_range', 'test_pages_isolated', 'scan_movable_pages',
+    'do_migrate_range', 'init_per_zone_wmark_min', 'build_all_zonelists',
+    'online_mem_sections', 'offline_mem_sections', 'kswapd_run',
+    'kcompactd_run', 'writeback_set_ratelimit', 'lru_add_drain_all',
+    'drain_all_pages')
+
+TRACEFS = '/sys/kernel/tracing'
+
+# Sums the function_graph lines " CPU) DURATION us | name();" per
+# function: calls, total microseconds, and the mean of the last quarter of
+# the calls (a cost that grows with the number of blocks shows there).
+_TRACE_SUM = (r"""awk -F'|' 'NF >= 2 && $NF ~ /\(\);/ {"""
+              r""" d = $(NF - 1); sub(/ us.*/, "", d); sub(/.*[ )!#*@$+]/, "", d);"""
+              r""" f = $NF; gsub(/[ ();]/, "", f);"""
+              r""" n[f]++; t[f] += d; v[f, n[f]] = d }"""
+              r""" END { for (f in n) { q = int(n[f] / 4); if (q < 1) q = 1;"""
+              r""" l = 0; for (i = n[f] - q + 1; i <= n[f]; i++) l += v[f, i];"""
+              r""" printf "%s %d %.1f %.1f\n", f, n[f], t[f], l / q } }'""")
+
+
+class GraphTrace:
+    """function_graph over ONLINING_FUNCS in a running guest.  Only the
+    per-function sums leave the guest: the console is too slow for the
+    trace itself."""
+
+    def __init__(self, g):
+        self.g = g
+        g.run(f'mountpoint -q {TRACEFS} || mount -t tracefs nodev {TRACEFS}',
+              check=True)
+        st, out = g.run(
+            'for f in ' + ' '.join(ONLINING_FUNCS) + '; do grep -qx "$f" '
+            f'{TRACEFS}/available_filter_functions && echo "$f"; done',
+            timeout=120)
+        self.funcs = out.split()
+        if 'set_zone_contiguous' not in self.funcs:
+            raise HarnessError('guest kernel cannot trace set_zone_contiguous '
+                               f'(traceable: {self.funcs})')
+        cmds = [f'echo 0 > {TRACEFS}/tracing_on', f'echo nop > {TRACEFS}/current_tracer']
+        cmds += [f'echo {f} >> {TRACEFS}/set_graph_function' for f in self.funcs]
+        cmds += [f'echo 1 > {TRACEFS}/max_graph_depth',
+                 f'echo 4096 > {TRACEFS}/buffer_size_kb',
+                 f'echo function_graph > {TRACEFS}/current_tracer',
+                 f'echo nofuncgraph-irqs > {TRACEFS}/trace_options']
+        g.run(' && '.join(cmds), check=True, timeout=120)
+
+    def start(self):
+        self.g.run(f'echo > {TRACEFS}/trace && echo 1 > {TRACEFS}/tracing_on',
+                   check=True)
+
+    def stop(self):
+        """Stop tracing; {function: {'calls', 'total_ms', 'last_q_ms'}}.
+        Raises if the ring buffer overran: the sums would be short."""
+        g = self.g
+        g.run(f'echo 0 > {TRACEFS}/tracing_on', check=True)
+        st, out = g.run(f'cat {TRACEFS}/per_cpu/cpu*/stats', check=True)
+        lost = sum(int(x) for x in re.findall(r'^overrun: (\d+)', out, re.M))
+        if lost:
+            raise HarnessError(f'trace ring buffer overran ({lost} events '
+                               'lost): raise buffer_size_kb')
+        out = g.run(f'cat {TRACEFS}/trace > /tmp/graph.trace && '
+                    + _TRACE_SUM + ' /tmp/graph.trace', check=True,
+                    timeout=300)[1]
+        res = {}
+        for line in out.splitlines():
+            f, calls, tot, lastq = line.split()
+            res[f] = {'calls': int(calls), 'total_ms': float(tot) / 1e3,
+                      'last_q_ms': float(lastq) / 1e3}
+        return res
+
+
+def onlining(arm, n=16 * GiB, mem='6G', timeout=1800):
+    """One plug of n and one unplug back to 0 under function_graph: per
+    function of mm's hotplug path, the calls and the time.  Tracing costs
+    time itself, so the wall times here are not those of scaling()."""
+    with guest_for(arm, 'onlining', mem, f'{n // GiB}G', reserve=False,
+                   maxmem=f'{n // GiB + 16}G') as g:
+        tr = GraphTrace(g)
+        r = {'n': n, 'mem': mem, 'blocks': n // (128 * MiB)}
+        for op, want, total in (('plug', n, memtotal_after(arm, g, n)),
+                                ('unplug', 0, g.boot_total)):
+            tr.start()
+            secs = timed_resize(g, want, total, timeout)
+            r[op] = {'seconds': secs, 'funcs': tr.stop()}
+            z = r[op]['funcs'].get('set_zone_contiguous', {})
+            log(f'onlining {arm} {op} {n >> 30} GiB: {secs:.2f}s traced, '
+                f'set_zone_contiguous {z.get("calls", 0)} calls, '
+                f'{z.get("total_ms", 0):.0f} ms')
+        r['log_errors'] = g.bad_log_lines()
+    return r
+
+
 # --- cgroup limits, for the margin benchmark --------------------------
 
 class Limit:

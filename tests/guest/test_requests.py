@@ -12,9 +12,16 @@ With memory_hotplug.memmap_on_memory=1, in SBM and in BBM:
 - a grow plugs exactly what was asked where that is whole blocks, and
   never more than was asked otherwise;
 - every memory block the guest added is reported once.
+
+And what mm does per block on the guest's side (function_graph, see
+scenarios.onlining and docs/devel/cost.rst): the project's blocks pass
+through set_zone_contiguous() twice on plug and twice on unplug, stock's
+once each.  That walk is what makes the project's plug slower at scale; if
+a guest kernel stops doing it twice, this case fails and the cost document
+must be rewritten.
 """
 
-from scenarios import device_has, guest_for
+from scenarios import device_has, guest_for, onlining
 from vmtest import GiB, MiB, Tests, TraceLog, check, log, poll
 
 MB = 128 * MiB          # Linux memory block on x86-64
@@ -113,6 +120,22 @@ def test_mode(bbm):
     check(not errs, '\n'.join(errs))
 
 
+def test_zone_walks():
+    n = 1 * GiB
+    walks = {}
+    for arm in ('stock', 'project'):
+        r = onlining(arm, n=n, mem='1G', timeout=300)
+        check(not r['log_errors'], f'{arm}: guest log: {r["log_errors"]}')
+        walks[arm] = {op: r[op]['funcs'].get('set_zone_contiguous',
+                                             {}).get('calls', 0)
+                      for op in ('plug', 'unplug')}
+        log(f'{arm}: set_zone_contiguous per {n >> 30} GiB: {walks[arm]}')
+    blocks = n // MB
+    want = {'stock': {'plug': blocks, 'unplug': blocks},
+            'project': {'plug': 2 * blocks, 'unplug': 2 * blocks}}
+    check(walks == want, f'zone walks {walks}, expected {want}')
+
+
 def main():
     check(device_has('vmemmap-accounting'), 'fork lacks vmemmap-accounting')
     t = Tests()
@@ -120,6 +143,8 @@ def main():
            lambda: test_mode(False))
     t.case('BBM: shrink by k blocks unplugs k blocks, grow never overshoots',
            lambda: test_mode(True))
+    t.case('mm walks the zone twice per block with memmap_on_memory, once '
+           'without', test_zone_walks)
     t.done()
 
 
