@@ -22,8 +22,9 @@ import scenarios as sc  # noqa: E402
 from vmtest import BUILD, GiB, MiB, log  # noqa: E402
 
 ALL = ('usable', 'footprint', 'speed', 'capacity', 'scaling', 'onlining',
-       'margin')
-JOINT = ('speed', 'scaling')    # scenarios that run both arms together
+       'zonewalk', 'margin')
+# Scenarios that run both arms together.
+JOINT = ('speed', 'scaling', 'zonewalk')
 
 # Sizes and repetitions, full run and --quick.  Measured under TCG on 2
 # cores (shared): one round at 64 GiB, plug and unplug in both arms, took
@@ -54,6 +55,13 @@ def run(args):
                    + ((256,) if args.big else ())],
             reps={k * GiB: v for k, v in SCALING[quick]['reps'].items()},
             mem=SCALING[quick]['mem']),
+        # scaling, one round per size, with mm's zone walk changed as
+        # docs/devel/cost.rst proposes (guest/experiments/zone_walk_skip.c,
+        # in both arms).
+        'zonewalk': lambda: sc.scaling(
+            sizes=[x * GiB for x in SCALING[quick]['sizes']],
+            reps={k * GiB: 1 for k in SCALING[quick]['sizes']},
+            mem=SCALING[quick]['mem'], append=sc.ZONE_WALK_SKIP),
         # One traced plug and unplug per arm: where the guest's time goes
         # (docs/devel/cost.rst).
         'onlining': lambda arm: sc.onlining(arm, n=(2 if quick else 16) * GiB),
@@ -143,14 +151,20 @@ def table(res):
                 p[op + '_median'], fmt=lambda x: f'{x:.3f}')
             row(f'speed: {op}, min - max s', s[op + '_s'], p[op + '_s'],
                 fmt=lambda v: f'{min(v):.3f} - {max(v):.3f}', rat=False)
-    if 'scaling' in res:
-        sca = res['scaling']
+    for name in ('scaling', 'zonewalk'):
+        if name not in res:
+            continue
+        sca = res[name]
         for op in ('plug', 'unplug'):
             for n in sca['sizes']:
                 s, p = sca['stock'][str(n)], sca['project'][str(n)]
-                row(f'scaling ({sca["mem"]} guest): {op} {n >> 30} GiB, median'
+                row(f'{name} ({sca["mem"]} guest): {op} {n >> 30} GiB, median'
                     f' of {len(s[op + "_s"])} (s)', s[op + '_median'],
                     p[op + '_median'], fmt=lambda x: f'{x:.2f}')
+        if name == 'zonewalk':
+            row('zonewalk: set_zone_contiguous calls returned at once',
+                sca['stock']['zone_walks_skipped'],
+                sca['project']['zone_walks_skipped'], fmt=str, rat=False)
     if 'onlining' in res:
         s, p = res['onlining']['stock'], res['onlining']['project']
         size = f'{s["n"] >> 30} GiB ({s["blocks"]} blocks, {s["mem"]} guest)'
@@ -273,8 +287,10 @@ def plots(res, outdir):
             ax.legend(fontsize=8, loc='lower right')
         fig.suptitle('guest time in mm hotplug functions (function_graph)')
         save(fig, 'onlining.png')
-    if 'scaling' in res:
-        sca = res['scaling']
+    for name, what in (('scaling', ''), ('zonewalk', ', mm zone walk changed')):
+        if name not in res:
+            continue
+        sca = res[name]
         sizes = [n / GiB for n in sca['sizes']]
         fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.5),
                                       gridspec_kw={'width_ratios': [3, 2]})
@@ -291,7 +307,7 @@ def plots(res, outdir):
         ax.set_xticklabels([f'{n:g}' for n in sizes])
         ax.set_xlabel('GiB plugged, then unplugged')
         ax.set_ylabel('seconds (median line, dots: each round)')
-        ax.set_title(f'resize time, {sca["mem"]} guest')
+        ax.set_title(f'resize time, {sca["mem"]} guest{what}')
         ax.grid(True, which='both', alpha=0.3)
         ax.legend(fontsize=8)
         for op, style in (('plug', 'bo-'), ('unplug', 'ms--')):
@@ -310,7 +326,7 @@ def plots(res, outdir):
         ax2.set_title('ratio')
         ax2.grid(True, alpha=0.3)
         ax2.legend(fontsize=8)
-        save(fig, 'scaling.png')
+        save(fig, f'{name}.png')
     if 'margin' in res:
         mar = res['margin']
         keys = list(mar['stock'])

@@ -42,7 +42,8 @@ def device_has(prop, qemu=QEMU):
 
 
 def guest_for(arm, name, mem, device_size, online='online_movable',
-              reserve=True, modparams=None, maxmem=None, extra_args=()):
+              reserve=True, modparams=None, maxmem=None, extra_args=(),
+              append=''):
     a = ARMS[arm]
     dev = {'size': device_size, 'block_size': '2M', 'requested': 0,
            'reserve': reserve}
@@ -51,7 +52,8 @@ def guest_for(arm, name, mem, device_size, online='online_movable',
     return Guest(f'{name}-{arm}', mem=mem, maxmem=maxmem or '80G',
                  device=dev, module=a['module'], online=online,
                  memmap_on_memory=a['memmap_on_memory'],
-                 modparams=modparams, qemu=a['qemu'], extra_args=extra_args)
+                 modparams=modparams, qemu=a['qemu'], extra_args=extra_args,
+                 append=append)
 
 
 def bound(n):
@@ -245,14 +247,21 @@ def speed(n=2 * GiB, reps=3, mem='512M'):
             for arm, t in times.items()}
 
 
-def scaling(sizes=(4 * GiB, 16 * GiB), reps=None, mem='6G', timeout=1800):
+# Loads guest/experiments/zone_walk_skip.c before virtio_mem: mm's
+# set_zone_contiguous() as docs/devel/cost.rst proposes to change it.
+ZONE_WALK_SKIP = 'vmtest.preload=zone_walk_skip'
+
+
+def scaling(sizes=(4 * GiB, 16 * GiB), reps=None, mem='6G', timeout=1800,
+            append=''):
     """Plug and unplug time against size, both arms in guests of the same
     size (mem), side by side and taking turns as in speed(): each size in
     round r runs stock first when r + its index is even, else project.
     One guest per arm serves all sizes (its device is the largest one).
     reps maps a size to its number of rounds (default 3).  Returns
     {'sizes': [...], arm: {size: {'plug_s': [...], 'unplug_s': [...]}}}
-    with sizes as strings of bytes (JSON keys)."""
+    with sizes as strings of bytes (JSON keys).  append goes on both
+    guests' kernel command line (ZONE_WALK_SKIP: with mm's walk changed)."""
     reps = reps or {}
     top = max(sizes)
     times = {arm: {str(n): {'plug_s': [], 'unplug_s': []} for n in sizes}
@@ -263,7 +272,7 @@ def scaling(sizes=(4 * GiB, 16 * GiB), reps=None, mem='6G', timeout=1800):
             t0 = time.monotonic()
             guests[arm] = stack.enter_context(guest_for(
                 arm, 'scaling', mem, f'{top // GiB}G', reserve=False,
-                maxmem=f'{top // GiB + 16}G'))
+                maxmem=f'{top // GiB + 16}G', append=append))
             log(f'scaling {arm}: booted in {time.monotonic() - t0:.1f}s')
         rounds = max(reps.get(n, 3) for n in sizes)
         for r in range(rounds):
@@ -281,14 +290,23 @@ def scaling(sizes=(4 * GiB, 16 * GiB), reps=None, mem='6G', timeout=1800):
                         f'{t["plug_s"][-1]:.2f}s, unplug '
                         f'{t["unplug_s"][-1]:.2f}s')
         bad = {arm: g.bad_log_lines() for arm, g in guests.items()}
-    res = {'sizes': list(sizes), 'mem': mem}
+        skipped = {arm: zone_walks_skipped(g) for arm, g in guests.items()}
+    res = {'sizes': list(sizes), 'mem': mem, 'append': append}
     for arm in ARMS:
-        res[arm] = {'log_errors': bad[arm]}
+        res[arm] = {'log_errors': bad[arm], 'zone_walks_skipped': skipped[arm]}
         for n in sizes:
             t = times[arm][str(n)]
             res[arm][str(n)] = dict(t, plug_median=statistics.median(
                 t['plug_s']), unplug_median=statistics.median(t['unplug_s']))
     return res
+
+
+def zone_walks_skipped(g):
+    """set_zone_contiguous() calls zone_walk_skip returned at once, or
+    None if it is not loaded."""
+    st, out = g.run('cat /sys/module/zone_walk_skip/parameters/skipped '
+                    '2>/dev/null')
+    return int(out) if st == 0 and out.strip().isdigit() else None
 
 
 # --- where the guest spends a plug and an unplug ---------------------
@@ -373,12 +391,12 @@ class GraphTrace:
         return res
 
 
-def onlining(arm, n=16 * GiB, mem='6G', timeout=1800):
+def onlining(arm, n=16 * GiB, mem='6G', timeout=1800, append=''):
     """One plug of n and one unplug back to 0 under function_graph: per
     function of mm's hotplug path, the calls and the time.  Tracing costs
     time itself, so the wall times here are not those of scaling()."""
     with guest_for(arm, 'onlining', mem, f'{n // GiB}G', reserve=False,
-                   maxmem=f'{n // GiB + 16}G') as g:
+                   maxmem=f'{n // GiB + 16}G', append=append) as g:
         tr = GraphTrace(g)
         r = {'n': n, 'mem': mem, 'blocks': n // (128 * MiB)}
         for op, want, total in (('plug', n, memtotal_after(arm, g, n)),
@@ -387,10 +405,12 @@ def onlining(arm, n=16 * GiB, mem='6G', timeout=1800):
             secs = timed_resize(g, want, total, timeout)
             r[op] = {'seconds': secs, 'funcs': tr.stop()}
             z = r[op]['funcs'].get('set_zone_contiguous', {})
-            log(f'onlining {arm} {op} {n >> 30} GiB: {secs:.2f}s traced, '
+            log(f'onlining {arm} {op} {n >> 30} GiB {append}: {secs:.2f}s '
+                'traced, '
                 f'set_zone_contiguous {z.get("calls", 0)} calls, '
                 f'{z.get("total_ms", 0):.0f} ms')
         r['log_errors'] = g.bad_log_lines()
+        r['zone_walks_skipped'] = zone_walks_skipped(g)
     return r
 
 
