@@ -162,9 +162,13 @@ def table(res):
                     f' of {len(s[op + "_s"])} (s)', s[op + '_median'],
                     p[op + '_median'], fmt=lambda x: f'{x:.2f}')
         if name == 'zonewalk':
-            row('zonewalk: set_zone_contiguous calls returned at once',
-                sca['stock']['zone_walks_skipped'],
-                sca['project']['zone_walks_skipped'], fmt=str, rat=False)
+            for k, what in (('skipped', 'skipped, zone growing'),
+                            ('kept', 'skipped, contiguous zone shrunk at an end'),
+                            ('walked', 'walked')):
+                row(f'zonewalk: set_zone_contiguous calls {what}',
+                    (sca['stock']['zone_walks'] or {}).get(k),
+                    (sca['project']['zone_walks'] or {}).get(k),
+                    fmt=str, rat=False)
     if 'onlining' in res:
         s, p = res['onlining']['stock'], res['onlining']['project']
         size = f'{s["n"] >> 30} GiB ({s["blocks"]} blocks, {s["mem"]} guest)'

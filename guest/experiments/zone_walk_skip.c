@@ -4,17 +4,24 @@
  *
  * Simulates a proposed mm change on the running (Debian) kernel, so that
  * its effect on memory hotplug can be measured before anyone builds a
- * kernel with it: set_zone_contiguous() returns at once when the last
- * pageblock of the zone is not online.  Its walk would stop there, or
- * earlier, without setting zone->contiguous, so the outcome is the same
- * and only the walk is saved.  This is the case for every memory block
- * onlined at the top of a zone, and for the memmap pages that
- * memory_hotplug.memmap_on_memory moves to the zone first
- * (docs/devel/cost.rst).
+ * kernel with it (docs/devel/cost.rst).  set_zone_contiguous() walks the
+ * whole zone, one pageblock at a time, after every move of a pfn range
+ * into or out of a zone; with memory_hotplug.memmap_on_memory there are
+ * two moves per memory block.  Two of its outcomes are known without a
+ * walk:
  *
- * set_zone_contiguous() is redirected with an ftrace handler that may
+ * - Growing: when the last pageblock of the zone is not online (a block
+ *   onlined at the top of a zone, and the memmap pages moved to the zone
+ *   before it), the walk stops there or earlier: zone->contiguous stays
+ *   false.
+ * - Shrinking: when a zone that was contiguous loses a range at one of
+ *   its ends, what is left is contiguous.
+ *
+ * In those two cases set_zone_contiguous() returns at once (with
+ * zone->contiguous set in the second), through ftrace handlers that may
  * modify the instruction pointer, the way livepatch redirects functions.
- * The counters are in /sys/module/zone_walk_skip/parameters/.
+ * With verify=1 the module walks the zone itself as well and counts the
+ * cases where the walk disagrees.  The counters are module parameters.
  */
 
 #include <linux/ftrace.h>
@@ -22,66 +29,147 @@
 #include <linux/mmzone.h>
 #include <linux/module.h>
 
+static bool verify;
+module_param(verify, bool, 0444);
+MODULE_PARM_DESC(verify, "Also walk the zone and count disagreements");
+
 static unsigned long skipped;
 module_param(skipped, ulong, 0444);
-MODULE_PARM_DESC(skipped, "set_zone_contiguous() calls that returned at once");
+MODULE_PARM_DESC(skipped, "Walks skipped: zone growing, last pageblock offline");
+
+static unsigned long kept;
+module_param(kept, ulong, 0444);
+MODULE_PARM_DESC(kept, "Walks skipped: contiguous zone shrunk at an end");
 
 static unsigned long walked;
 module_param(walked, ulong, 0444);
-MODULE_PARM_DESC(walked, "set_zone_contiguous() calls left to walk the zone");
+MODULE_PARM_DESC(walked, "Walks left to set_zone_contiguous()");
+
+static unsigned long disagreed;
+module_param(disagreed, ulong, 0444);
+MODULE_PARM_DESC(disagreed, "verify=1: skipped walks whose outcome differed");
+
+/*
+ * Set by remove_pfn_range_from_zone() for set_zone_contiguous() at its
+ * end.  Both run under mem_hotplug_lock held for writing: no locking.
+ */
+static struct zone *zone_walk_skip_keep;
+
+/* What set_zone_contiguous() decides, for verify=1. */
+static bool zone_walk_skip_walk(struct zone *zone)
+{
+	unsigned long end = zone_end_pfn(zone);
+	unsigned long pfn, last;
+	struct page *first;
+
+	for (pfn = zone->zone_start_pfn; pfn < end; pfn = last + 1) {
+		last = min(pageblock_end_pfn(pfn), end) - 1;
+		if (!pfn_valid(last))
+			return false;
+		first = pfn_to_online_page(pfn);
+		if (!first || page_zone(first) != zone ||
+		    page_zone_id(first) != page_zone_id(pfn_to_page(last)))
+			return false;
+		cond_resched();
+	}
+	return true;
+}
 
 static noinline void zone_walk_skip_return(struct zone *zone)
 {
 }
 
-static void notrace zone_walk_skip_handler(unsigned long ip,
-					   unsigned long parent_ip,
-					   struct ftrace_ops *ops,
-					   struct ftrace_regs *fregs)
+static void notrace zone_walk_skip_remove(unsigned long ip,
+					  unsigned long parent_ip,
+					  struct ftrace_ops *ops,
+					  struct ftrace_regs *fregs)
 {
 	struct zone *zone = (struct zone *)ftrace_regs_get_argument(fregs, 0);
+	unsigned long start = ftrace_regs_get_argument(fregs, 1);
+	unsigned long end = start + ftrace_regs_get_argument(fregs, 2);
 
-	/* Callers hold the hotplug lock: the counters need no atomics. */
-	if (zone_is_empty(zone) || pfn_to_online_page(zone_end_pfn(zone) - 1)) {
+	zone_walk_skip_keep = NULL;
+	if (!zone_is_zone_device(zone) && zone->contiguous &&
+	    (start <= zone->zone_start_pfn || end >= zone_end_pfn(zone)))
+		zone_walk_skip_keep = zone;
+}
+
+static void notrace zone_walk_skip_set(unsigned long ip,
+				       unsigned long parent_ip,
+				       struct ftrace_ops *ops,
+				       struct ftrace_regs *fregs)
+{
+	struct zone *zone = (struct zone *)ftrace_regs_get_argument(fregs, 0);
+	bool contiguous;
+
+	if (zone_walk_skip_keep == zone) {
+		contiguous = true;
+		kept++;
+	} else if (!zone_is_empty(zone) &&
+		   !pfn_to_online_page(zone_end_pfn(zone) - 1)) {
+		contiguous = false;
+		skipped++;
+	} else {
+		zone_walk_skip_keep = NULL;
 		walked++;
 		return;
 	}
-	skipped++;
+	zone_walk_skip_keep = NULL;
+	if (verify && zone_walk_skip_walk(zone) != contiguous)
+		disagreed++;
+	zone->contiguous = contiguous;
 	ftrace_regs_set_instruction_pointer(fregs,
 					    (unsigned long)zone_walk_skip_return);
 }
 
-static struct ftrace_ops zone_walk_skip_ops = {
-	.func = zone_walk_skip_handler,
+static struct ftrace_ops zone_walk_skip_remove_ops = {
+	.func = zone_walk_skip_remove,
+};
+
+static struct ftrace_ops zone_walk_skip_set_ops = {
+	.func = zone_walk_skip_set,
 	.flags = FTRACE_OPS_FL_IPMODIFY,
 };
 
-static int __init zone_walk_skip_init(void)
+static int zone_walk_skip_hook(struct ftrace_ops *ops, const char *func)
 {
-	char name[] = "set_zone_contiguous";
+	char name[KSYM_NAME_LEN];
 	int rc;
 
-	rc = ftrace_set_filter(&zone_walk_skip_ops, name, strlen(name), 0);
+	strscpy(name, func, sizeof(name));
+	rc = ftrace_set_filter(ops, name, strlen(name), 0);
+	if (!rc)
+		rc = register_ftrace_function(ops);
+	if (rc)
+		pr_err("zone_walk_skip: cannot hook %s: %d\n", func, rc);
+	return rc;
+}
+
+static int __init zone_walk_skip_init(void)
+{
+	int rc;
+
+	rc = zone_walk_skip_hook(&zone_walk_skip_remove_ops,
+				 "remove_pfn_range_from_zone");
+	if (rc)
+		return rc;
+	rc = zone_walk_skip_hook(&zone_walk_skip_set_ops, "set_zone_contiguous");
 	if (rc) {
-		pr_err("zone_walk_skip: cannot trace %s: %d\n", name, rc);
+		unregister_ftrace_function(&zone_walk_skip_remove_ops);
 		return rc;
 	}
-	rc = register_ftrace_function(&zone_walk_skip_ops);
-	if (rc) {
-		pr_err("zone_walk_skip: cannot redirect %s: %d\n", name, rc);
-		return rc;
-	}
-	pr_info("zone_walk_skip: %s returns at once for a zone whose last pageblock is offline (test kit only)\n",
-		name);
+	pr_info("zone_walk_skip: set_zone_contiguous() skips walks whose outcome is known (test kit only)%s\n",
+		verify ? ", verifying" : "");
 	return 0;
 }
 
 static void __exit zone_walk_skip_exit(void)
 {
-	unregister_ftrace_function(&zone_walk_skip_ops);
+	unregister_ftrace_function(&zone_walk_skip_set_ops);
+	unregister_ftrace_function(&zone_walk_skip_remove_ops);
 }
 
 module_init(zone_walk_skip_init);
 module_exit(zone_walk_skip_exit);
-MODULE_DESCRIPTION("Test kit: simulate an O(1) set_zone_contiguous() for a zone growing at its top");
+MODULE_DESCRIPTION("Test kit: simulate set_zone_contiguous() without needless walks");
 MODULE_LICENSE("GPL");

@@ -248,7 +248,8 @@ def speed(n=2 * GiB, reps=3, mem='512M'):
 
 
 # Loads guest/experiments/zone_walk_skip.c before virtio_mem: mm's
-# set_zone_contiguous() as docs/devel/cost.rst proposes to change it.
+# set_zone_contiguous() as docs/devel/cost.rst proposes to change it
+# (with ':verify=1' it also walks, and counts disagreements).
 ZONE_WALK_SKIP = 'vmtest.preload=zone_walk_skip'
 
 
@@ -290,10 +291,10 @@ def scaling(sizes=(4 * GiB, 16 * GiB), reps=None, mem='6G', timeout=1800,
                         f'{t["plug_s"][-1]:.2f}s, unplug '
                         f'{t["unplug_s"][-1]:.2f}s')
         bad = {arm: g.bad_log_lines() for arm, g in guests.items()}
-        skipped = {arm: zone_walks_skipped(g) for arm, g in guests.items()}
+        walks = {arm: zone_walks(g) for arm, g in guests.items()}
     res = {'sizes': list(sizes), 'mem': mem, 'append': append}
     for arm in ARMS:
-        res[arm] = {'log_errors': bad[arm], 'zone_walks_skipped': skipped[arm]}
+        res[arm] = {'log_errors': bad[arm], 'zone_walks': walks[arm]}
         for n in sizes:
             t = times[arm][str(n)]
             res[arm][str(n)] = dict(t, plug_median=statistics.median(
@@ -301,12 +302,15 @@ def scaling(sizes=(4 * GiB, 16 * GiB), reps=None, mem='6G', timeout=1800,
     return res
 
 
-def zone_walks_skipped(g):
-    """set_zone_contiguous() calls zone_walk_skip returned at once, or
-    None if it is not loaded."""
-    st, out = g.run('cat /sys/module/zone_walk_skip/parameters/skipped '
-                    '2>/dev/null')
-    return int(out) if st == 0 and out.strip().isdigit() else None
+def zone_walks(g):
+    """zone_walk_skip's counters ({'skipped', 'kept', 'walked',
+    'disagreed'}), or None if it is not loaded."""
+    st, out = g.run('cd /sys/module/zone_walk_skip/parameters 2>/dev/null && '
+                    'for f in skipped kept walked disagreed; do '
+                    'echo "$f $(cat $f)"; done')
+    if st or not out.strip():
+        return None
+    return {k: int(v) for k, v in (line.split() for line in out.splitlines())}
 
 
 # --- where the guest spends a plug and an unplug ---------------------
@@ -410,7 +414,7 @@ def onlining(arm, n=16 * GiB, mem='6G', timeout=1800, append=''):
                 f'set_zone_contiguous {z.get("calls", 0)} calls, '
                 f'{z.get("total_ms", 0):.0f} ms')
         r['log_errors'] = g.bad_log_lines()
-        r['zone_walks_skipped'] = zone_walks_skipped(g)
+        r['zone_walks'] = zone_walks(g)
     return r
 
 
