@@ -162,7 +162,7 @@ def table(res):
                     f' of {len(s[op + "_s"])} (s)', s[op + '_median'],
                     p[op + '_median'], fmt=lambda x: f'{x:.2f}')
         if name == 'zonewalk':
-            for k, what in (('skipped', 'skipped, zone growing'),
+            for k, what in (('skipped', 'skipped, after a move into the zone'),
                             ('kept', 'skipped, contiguous zone shrunk at an end'),
                             ('walked', 'walked')):
                 row(f'zonewalk: set_zone_contiguous calls {what}',

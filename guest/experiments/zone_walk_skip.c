@@ -10,18 +10,22 @@
  * two moves per memory block.  Two of its outcomes are known without a
  * walk:
  *
- * - Growing: when the last pageblock of the zone is not online (a block
- *   onlined at the top of a zone, and the memmap pages moved to the zone
- *   before it), the walk stops there or earlier: zone->contiguous stays
- *   false.
- * - Shrinking: when a zone that was contiguous loses a range at one of
- *   its ends, what is left is contiguous.
+ * - After move_pfn_range_to_zone(): the sections of the range just moved
+ *   are not online yet (online_pages() and mhp_init_memmap_on_memory()
+ *   mark them online afterwards), so the walk fails at the latest there:
+ *   zone->contiguous stays false.
+ * - After remove_pfn_range_from_zone(): a zone that was contiguous and
+ *   lost a range at one of its ends (or outside its span) is still
+ *   contiguous.
  *
  * In those two cases set_zone_contiguous() returns at once (with
- * zone->contiguous set in the second), through ftrace handlers that may
- * modify the instruction pointer, the way livepatch redirects functions.
- * With verify=1 the module walks the zone itself as well and counts the
- * cases where the walk disagrees.  The counters are module parameters.
+ * zone->contiguous set accordingly), through ftrace handlers; the one on
+ * set_zone_contiguous() modifies the instruction pointer, the way
+ * livepatch redirects functions.  With verify=1 the module walks the
+ * zone itself as well and counts the cases where the walk disagrees; it
+ * then calls cond_resched(), so do not combine it with a tracer on
+ * set_zone_contiguous() at large sizes.  The counters are module
+ * parameters.
  */
 
 #include <linux/ftrace.h>
@@ -35,7 +39,7 @@ MODULE_PARM_DESC(verify, "Also walk the zone and count disagreements");
 
 static unsigned long skipped;
 module_param(skipped, ulong, 0444);
-MODULE_PARM_DESC(skipped, "Walks skipped: zone growing, last pageblock offline");
+MODULE_PARM_DESC(skipped, "Walks skipped: after a move into the zone");
 
 static unsigned long kept;
 module_param(kept, ulong, 0444);
@@ -50,9 +54,11 @@ module_param(disagreed, ulong, 0444);
 MODULE_PARM_DESC(disagreed, "verify=1: skipped walks whose outcome differed");
 
 /*
- * Set by remove_pfn_range_from_zone() for set_zone_contiguous() at its
- * end.  Both run under mem_hotplug_lock held for writing: no locking.
+ * Set by move_pfn_range_to_zone() and remove_pfn_range_from_zone() for
+ * the set_zone_contiguous() at their end.  All three run under
+ * mem_hotplug_lock held for writing: no locking.
  */
+static struct zone *zone_walk_skip_moved;
 static struct zone *zone_walk_skip_keep;
 
 /* What set_zone_contiguous() decides, for verify=1. */
@@ -79,6 +85,15 @@ static noinline void zone_walk_skip_return(struct zone *zone)
 {
 }
 
+static void notrace zone_walk_skip_move(unsigned long ip,
+					unsigned long parent_ip,
+					struct ftrace_ops *ops,
+					struct ftrace_regs *fregs)
+{
+	zone_walk_skip_moved = (struct zone *)ftrace_regs_get_argument(fregs, 0);
+	zone_walk_skip_keep = NULL;
+}
+
 static void notrace zone_walk_skip_remove(unsigned long ip,
 					  unsigned long parent_ip,
 					  struct ftrace_ops *ops,
@@ -88,6 +103,7 @@ static void notrace zone_walk_skip_remove(unsigned long ip,
 	unsigned long start = ftrace_regs_get_argument(fregs, 1);
 	unsigned long end = start + ftrace_regs_get_argument(fregs, 2);
 
+	zone_walk_skip_moved = NULL;
 	zone_walk_skip_keep = NULL;
 	if (!zone_is_zone_device(zone) && zone->contiguous &&
 	    (start <= zone->zone_start_pfn || end >= zone_end_pfn(zone)))
@@ -105,15 +121,16 @@ static void notrace zone_walk_skip_set(unsigned long ip,
 	if (zone_walk_skip_keep == zone) {
 		contiguous = true;
 		kept++;
-	} else if (!zone_is_empty(zone) &&
-		   !pfn_to_online_page(zone_end_pfn(zone) - 1)) {
+	} else if (zone_walk_skip_moved == zone) {
 		contiguous = false;
 		skipped++;
 	} else {
+		zone_walk_skip_moved = NULL;
 		zone_walk_skip_keep = NULL;
 		walked++;
 		return;
 	}
+	zone_walk_skip_moved = NULL;
 	zone_walk_skip_keep = NULL;
 	if (verify && zone_walk_skip_walk(zone) != contiguous)
 		disagreed++;
@@ -121,6 +138,10 @@ static void notrace zone_walk_skip_set(unsigned long ip,
 	ftrace_regs_set_instruction_pointer(fregs,
 					    (unsigned long)zone_walk_skip_return);
 }
+
+static struct ftrace_ops zone_walk_skip_move_ops = {
+	.func = zone_walk_skip_move,
+};
 
 static struct ftrace_ops zone_walk_skip_remove_ops = {
 	.func = zone_walk_skip_remove,
@@ -149,24 +170,33 @@ static int __init zone_walk_skip_init(void)
 {
 	int rc;
 
+	rc = zone_walk_skip_hook(&zone_walk_skip_move_ops,
+				 "move_pfn_range_to_zone");
+	if (rc)
+		return rc;
 	rc = zone_walk_skip_hook(&zone_walk_skip_remove_ops,
 				 "remove_pfn_range_from_zone");
 	if (rc)
-		return rc;
+		goto err_move;
 	rc = zone_walk_skip_hook(&zone_walk_skip_set_ops, "set_zone_contiguous");
-	if (rc) {
-		unregister_ftrace_function(&zone_walk_skip_remove_ops);
-		return rc;
-	}
+	if (rc)
+		goto err_remove;
 	pr_info("zone_walk_skip: set_zone_contiguous() skips walks whose outcome is known (test kit only)%s\n",
 		verify ? ", verifying" : "");
 	return 0;
+
+err_remove:
+	unregister_ftrace_function(&zone_walk_skip_remove_ops);
+err_move:
+	unregister_ftrace_function(&zone_walk_skip_move_ops);
+	return rc;
 }
 
 static void __exit zone_walk_skip_exit(void)
 {
 	unregister_ftrace_function(&zone_walk_skip_set_ops);
 	unregister_ftrace_function(&zone_walk_skip_remove_ops);
+	unregister_ftrace_function(&zone_walk_skip_move_ops);
 }
 
 module_init(zone_walk_skip_init);
