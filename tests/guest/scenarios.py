@@ -180,6 +180,13 @@ def capacity(arm, want=64 * GiB, mem='128M', quiet=20, timeout=1800):
                 last[:] = [size, now]
             return size == want or now - last[1] > quiet
         poll(done, timeout, f'{arm} capacity run to settle', interval=0.5)
+        # The device answers the last plug before the guest has added,
+        # onlined and reported that block: wait for the guest to catch up
+        # before reading vmemmap-size and MemTotal.
+        try:
+            g.wait_guest_at_rest(60)
+        except HarnessError as e:
+            log(f'{arm} capacity: guest not at rest: {e}')
         size = g.qom_get('size')
         secs = time.monotonic() - t0 - (0 if size == want else quiet)
         r = {'requested': want, 'size': size, 'vmemmap_size': g.vmemmap_size(),
