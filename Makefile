@@ -2,7 +2,7 @@
 # Convenience targets; the scripts under scripts/ are the interface.
 -include config.mk
 
-.PHONY: all qemu guest tools check check-qemu check-guest demo bench checkpatch clean
+.PHONY: all qemu guest tools check check-qemu check-guest demo bench checkpatch clean dkms-deb
 
 all:
 	./scripts/build
@@ -29,5 +29,8 @@ demo:
 	./scripts/demo
 checkpatch:
 	./scripts/checkpatch
+# build/deb/virtio-mem-vmemmap-dkms_<version>_all.deb (lintian-checked).
+dkms-deb:
+	./scripts/build-dkms-deb
 clean:
 	rm -rf build config.mk
