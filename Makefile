@@ -2,7 +2,7 @@
 # Convenience targets; the scripts under scripts/ are the interface.
 -include config.mk
 
-.PHONY: all qemu guest tools check check-qemu check-guest demo bench checkpatch clean dkms-deb
+.PHONY: all qemu guest tools check check-qemu check-guest demo bench checkpatch deb clean dkms-deb
 
 all:
 	./scripts/build
@@ -29,6 +29,9 @@ demo:
 	./scripts/demo
 checkpatch:
 	./scripts/checkpatch
+# The host package, build/deb/qemu-system-x86-vmemmap_*.deb.
+deb:
+	./scripts/build-deb
 # build/deb/virtio-mem-vmemmap-dkms_<version>_all.deb (lintian-checked).
 dkms-deb:
 	./scripts/build-dkms-deb
