@@ -213,3 +213,32 @@ gboolean cgroup_set_limit(Cgroup *cg, guint64 bytes, GError **errp)
     }
     return TRUE;
 }
+
+/*
+ * The OOM kills the kernel counted in this cgroup: "oom_kill N" in
+ * memory.events (v2) or memory.oom_control (v1).
+ */
+gboolean cgroup_oom_kills(Cgroup *cg, guint64 *n, char **where)
+{
+    const char *file = cg->version == 2 ? "memory.events"
+                                        : "memory.oom_control";
+    g_autofree char *path = g_build_filename(cg->dir, file, NULL);
+    g_autofree char *text = NULL;
+    g_auto(GStrv) lines = NULL;
+    guint i;
+
+    if (!g_file_get_contents(path, &text, NULL, NULL)) {
+        return FALSE;
+    }
+    lines = g_strsplit(text, "\n", 0);
+    for (i = 0; lines[i]; i++) {
+        if (g_str_has_prefix(lines[i], "oom_kill ")) {
+            *n = g_ascii_strtoull(lines[i] + 9, NULL, 10);
+            if (where) {
+                *where = g_steal_pointer(&path);
+            }
+            return TRUE;
+        }
+    }
+    return FALSE;
+}

@@ -19,5 +19,6 @@ gboolean cgroup_charge(Cgroup *cg, guint64 *bytes, GError **errp);
 gboolean cgroup_get_limit(Cgroup *cg, guint64 *hard, guint64 *soft,
                           GError **errp);
 gboolean cgroup_set_limit(Cgroup *cg, guint64 bytes, GError **errp);
+gboolean cgroup_oom_kills(Cgroup *cg, guint64 *n, char **where);
 
 #endif

@@ -3,13 +3,17 @@
  * vmem-limit: keep a VM's memory cgroup limit equal to
  *
  *     base + sum over its virtio-mem devices of max(size, requested-size)
- *          + margin
+ *          + headroom + margin
  *
  * max(size, requested-size) is what a device may hold at any moment of a
  * resize: growing, the guest plugs up to requested-size; shrinking, it
  * holds size until it has unplugged.  So the limit is raised before a
  * grow is asked for and lowered only once a shrink has settled, and the
  * VMM is never OOM-killed by its own resize.
+ *
+ * base is the VM's boot RAM, all of it, plus QEMU's own memory: never
+ * only the part the guest has touched so far.  headroom is the memmap a
+ * grow by someone else makes the guest write before follow can react.
  */
 #include <locale.h>
 #include <stdio.h>
@@ -22,15 +26,36 @@
 #include "vmem-limit.h"
 
 #define DEFAULT_MARGIN  (64ULL << 20)
+/*
+ * Below this, QEMU's heap and page tables outgrow the margin without
+ * notice, and a limit at the charge reclaims from the VM at once.
+ */
+#define MARGIN_FLOOR    (32ULL << 20)
+/*
+ * QEMU's own memory beside the guest's RAM: code, heap, page tables,
+ * device state and, under TCG, the translated code.  Measured: 140 MiB
+ * for a 512 MiB guest under TCG (tests/tools/test_vmem_limit_oom.py).
+ */
+#define DEFAULT_OVERHEAD (256ULL << 20)
+/* The memmap of memory the guest adds: 64 bytes per 4 KiB page. */
+#define MEMMAP_RATIO    64
+#define DEFAULT_STATE_DIR "/run/vmem-limit"
 #define DEFAULT_TIMEOUT 300
-#define DEFAULT_URI     "qemu:///system"
+#define DEFAULT_URI     "qemu:///system"   /* or $LIBVIRT_DEFAULT_URI */
 /* How often resize reports progress while it waits. */
 #define PROGRESS_EVERY_US (2 * G_USEC_PER_SEC)
 
 typedef struct {
     VmemTarget *t;
+    VmemState *state;       /* NULL for show and --dry-run */
     guint64 base;
     guint64 margin;
+    guint64 overhead;
+    guint64 headroom;       /* of the last wanted_limit() */
+    guint64 kept;           /* base an earlier run kept for this VM */
+    guint64 oom_kills;      /* at the start, where have_oom */
+    gboolean have_oom;
+    guint64 limit;          /* last read or written, for messages */
     char *base_how;
     char *margin_how;
     gboolean dry_run;
@@ -43,6 +68,9 @@ static char *opt_domain;
 static char *opt_connect;
 static char *opt_base;
 static char *opt_margin;
+static char *opt_overhead;
+static char *opt_state_dir;
+static gboolean opt_no_pid_check;
 static gboolean opt_dry_run;
 static gint opt_timeout = DEFAULT_TIMEOUT;
 static gdouble opt_interval = 1.0;
@@ -59,12 +87,22 @@ static GOptionEntry entries[] = {
       "libvirt domain (name or UUID) instead of --qmp/--cgroup; the limit "
       "is its hard_limit and soft_limit", "NAME" },
     { "connect", 0, 0, G_OPTION_ARG_STRING, &opt_connect,
-      "libvirt URI (default " DEFAULT_URI ")", "URI" },
+      "libvirt URI (default $LIBVIRT_DEFAULT_URI, else " DEFAULT_URI ")",
+      "URI" },
+    { "no-pid-check", 0, 0, G_OPTION_ARG_NONE, &opt_no_pid_check,
+      "do not check that the QEMU behind --qmp is in --cgroup", NULL },
     { "base", 'b', 0, G_OPTION_ARG_STRING, &opt_base,
-      "memory of the VM outside its devices (default: measured, see above)",
+      "memory of the VM outside its devices (default: boot RAM + "
+      "overhead, see above)", "SIZE" },
+    { "overhead", 'o', 0, G_OPTION_ARG_STRING, &opt_overhead,
+      "QEMU's own memory, counted in the default base (default 256M)",
       "SIZE" },
     { "margin", 'm', 0, G_OPTION_ARG_STRING, &opt_margin,
-      "room above base and devices (default 64M)", "SIZE" },
+      "room above base, devices and headroom (default 64M, at least 32M)",
+      "SIZE" },
+    { "state-dir", 0, 0, G_OPTION_ARG_FILENAME, &opt_state_dir,
+      "per-VM lock and base files (default $RUNTIME_DIRECTORY, else "
+      DEFAULT_STATE_DIR ")", "DIR" },
     { "dry-run", 'n', 0, G_OPTION_ARG_NONE, &opt_dry_run,
       "say what would be done, change nothing", NULL },
     { "timeout", 't', 0, G_OPTION_ARG_INT, &opt_timeout,
@@ -83,30 +121,33 @@ static GOptionEntry entries[] = {
 static const char summary[] =
 "Keeps the memory limit of a VM's cgroup equal to\n"
 "\n"
-"  base + sum over its virtio-mem devices of max(size, requested-size) + margin\n"
+"  base + sum over its virtio-mem devices of max(size, requested-size)\n"
+"       + headroom + margin\n"
 "\n"
 "so that the VM may hold all that its devices plug or are asked to plug.\n"
 "\n"
-"base    what the VM holds outside its virtio-mem devices: QEMU itself and\n"
-"        the guest's boot RAM.  Measured when the tool starts, unless\n"
-"        --base is given: the charge (the cgroup's memory.current or\n"
-"        memory.usage_in_bytes; with libvirt, QEMU's RSS) minus the host\n"
-"        bytes resident in the devices' memory as QEMU measures them\n"
-"        (query-virtio-mem-footprint), or minus the devices' sizes with a\n"
-"        QEMU that lacks that command.  Boot RAM counts only as far as the\n"
-"        guest has touched it: give --base for a figure that holds from\n"
-"        boot on.\n"
-"margin  room for what grows besides: QEMU's heap and page tables, and the\n"
-"        memmap a guest keeps in boot RAM when its driver does not place it\n"
-"        on the hot-added memory (stock virtio_mem: 1/64 of all it ever\n"
-"        plugged).  Default 64 MiB.\n"
+"base      what the VM holds outside its devices: its boot RAM, all of it\n"
+"          (query-memory-size-summary; with libvirt the domain XML), plus\n"
+"          --overhead for QEMU itself; or the charge less the bytes\n"
+"          resident in the devices where that is more; or, if more again,\n"
+"          the base an earlier run used for this run of the VM (kept in\n"
+"          --state-dir), so that a restart never lowers it.  --base\n"
+"          replaces all of this.\n"
+"headroom  the memmap (1/64) of what each device may still grow by, up to\n"
+"          its max-size: what the guest writes when someone else grows a\n"
+"          device, before follow has raised the limit.\n"
+"margin    room for what grows besides: QEMU's heap and page tables.\n"
+"          Default 64 MiB, at least 32 MiB.\n"
 "\n"
-"Both are shown by every command.  SIZE is bytes or a number with K, M, G\n"
-"or T (binary units).  The limit is rounded up to a 4 KiB page.\n"
+"Every command shows them.  SIZE is bytes or a number with K, M, G or T\n"
+"(binary units), at most 4 PiB.  The limit is rounded up to a 4 KiB page.\n"
+"--qmp and --cgroup must be one VM's: the process listening on the socket\n"
+"must be in the cgroup or below it.  Instances working on one VM take\n"
+"turns (a lock in --state-dir); one follow per VM.\n"
 "\n"
 "Commands:\n"
-"  show                 print the devices, base, margin, charge, the limit\n"
-"                       now and the limit wanted; changes nothing\n"
+"  show                 print the devices, base, headroom, margin, charge,\n"
+"                       the limit now and the limit wanted; changes nothing\n"
 "  resize DEVICE SIZE   set the requested-size of DEVICE (its id, or its\n"
 "                       libvirt alias) to SIZE.  A grow raises the limit\n"
 "                       first; a shrink lowers it only after the device has\n"
@@ -117,18 +158,27 @@ static const char summary[] =
 "                       event, and every --interval (requested-size changes\n"
 "                       send no event), the devices are read again; the\n"
 "                       limit is lowered only on a fresh reading and never\n"
-"                       below the charge";
+"                       below the charge.  One line per change, with limit,\n"
+"                       charge and headroom; under systemd (NOTIFY_SOCKET)\n"
+"                       READY=1 once the limit is first set.  follow alone\n"
+"                       covers a grow by someone else only as far as the\n"
+"                       headroom: whoever grows a device should raise the\n"
+"                       limit first, i.e. grow with 'resize'";
 
 static const char description[] =
 "Exit status:\n"
-"  0  done\n"
-"  1  bad command line, unknown device, or a size the device cannot take\n"
+"  0  done; follow: the VM was shut down\n"
+"  1  bad command line, unknown device, a size the device cannot take,\n"
+"     a socket that is not QMP, or socket and cgroup of different VMs\n"
 "  2  no permission to read or write the limit, or to reach the VM\n"
 "  3  the cgroup directory or its memory files are gone\n"
 "  4  QMP socket or libvirt unreachable, or lost on the way\n"
 "  5  QEMU or libvirt refused the resize\n"
-"  6  the resize did not settle within --timeout\n"
+"  6  the resize did not settle within --timeout, or another instance\n"
+"     held the VM's lock for 30 s\n"
 "  7  the wanted limit is below the charge; not lowered\n"
+"  8  the VM was OOM-killed (memory.events or memory.oom_control, or the\n"
+"     kernel log, says so)\n"
 "On any failure the limit is left as it was before the command, except\n"
 "after a grow that was sent: then it stays raised (the device may still\n"
 "plug up to requested-size), and the message says so.\n"
@@ -138,8 +188,9 @@ static const char description[] =
 "  vmem-limit -q /run/vm1.qmp -c /sys/fs/cgroup/vm1 resize vm0 4G\n"
 "  vmem-limit -q /run/vm1.qmp -c /sys/fs/cgroup/vm1 --margin 128M follow\n"
 "  vmem-limit -d vm1 resize virtiomem0 2G\n"
+"  systemctl start vmem-limit@vm1     (follow libvirt domain vm1)\n"
 "\n"
-"See also docs/system/vmem-limit.rst.";
+"See also vmem-limit(1), docs/system/vmem-limit.rst.";
 
 static guint64 page_up(guint64 bytes)
 {
@@ -200,18 +251,61 @@ static guint64 devices_sum(GPtrArray *devs, const char *dev_id, guint64 req)
         const VmemDevice *d = devs->pdata[i];
         guint64 r = dev_id && !g_strcmp0(d->id, dev_id) ? req : d->requested;
 
-        sum += MAX(d->size, r);
+        if (!vmem_add_size(&sum, MAX(d->size, r))) {
+            return VMEM_UNLIMITED;
+        }
     }
     return sum;
 }
 
+/*
+ * The memmap the guest writes when a device grows from what it may hold
+ * now to its max-size.  It is what a grow by someone else makes the
+ * guest write before follow can raise the limit: adding memory, the
+ * guest initialises its struct pages at once (on the new memory itself
+ * with memmap_on_memory), before anything uses it.
+ */
+static guint64 devices_headroom(GPtrArray *devs, const char *dev_id,
+                                guint64 req)
+{
+    guint64 sum = 0;
+    guint i;
+
+    for (i = 0; i < devs->len; i++) {
+        const VmemDevice *d = devs->pdata[i];
+        guint64 r = dev_id && !g_strcmp0(d->id, dev_id) ? req : d->requested;
+        guint64 held = MAX(d->size, r);
+
+        if (d->max_size > held &&
+            !vmem_add_size(&sum, page_up((d->max_size - held) /
+                                         MEMMAP_RATIO))) {
+            return VMEM_UNLIMITED;
+        }
+    }
+    return sum;
+}
+
+/* VMEM_UNLIMITED where the sum is beyond VMEM_SIZE_MAX. */
 static guint64 wanted_limit(Ctx *c, GPtrArray *devs, const char *dev_id,
                             guint64 req)
 {
-    return page_up(c->base + devices_sum(devs, dev_id, req) + c->margin);
+    guint64 sum = c->base;
+
+    c->headroom = devices_headroom(devs, dev_id, req);
+    if (!vmem_add_size(&sum, devices_sum(devs, dev_id, req)) ||
+        !vmem_add_size(&sum, c->headroom) ||
+        !vmem_add_size(&sum, c->margin)) {
+        return VMEM_UNLIMITED;
+    }
+    return page_up(sum);
 }
 
-static gboolean measure_base(Ctx *c, GPtrArray *devs, GError **errp)
+/*
+ * The charge less what lies inside the devices: what QEMU and the guest
+ * hold outside them now.  A lower bound of what they may hold later.
+ */
+static gboolean measure_outside(Ctx *c, GPtrArray *devs, guint64 *outside,
+                                char **how, GError **errp)
 {
     g_autofree char *charge_s = NULL, *res_s = NULL;
     g_autoptr(GError) err = NULL;
@@ -219,20 +313,16 @@ static gboolean measure_base(Ctx *c, GPtrArray *devs, GError **errp)
     const char *charge_name;
     guint i;
 
-    if (opt_base) {
-        c->base_how = g_strdup("given");
-        return TRUE;
-    }
     if (!c->t->charge(c->t, &charge, &charge_name, errp)) {
         return FALSE;
     }
     charge_s = vmem_fmt_size(charge);
     if (c->t->resident(c->t, &resident, &err)) {
         res_s = vmem_fmt_size(resident);
-        c->base = charge > resident ? charge - resident : 0;
-        c->base_how = g_strdup_printf("measured: %s %s - %s resident in the "
-                                      "devices (query-virtio-mem-footprint)",
-                                      charge_name, charge_s, res_s);
+        *outside = charge > resident ? charge - resident : 0;
+        *how = g_strdup_printf("%s %s - %s resident in the devices "
+                               "(query-virtio-mem-footprint)",
+                               charge_name, charge_s, res_s);
         return TRUE;
     }
     if (err) {
@@ -243,74 +333,146 @@ static gboolean measure_base(Ctx *c, GPtrArray *devs, GError **errp)
         sizes += ((VmemDevice *)devs->pdata[i])->size;
     }
     res_s = vmem_fmt_size(sizes);
-    c->base = charge > sizes ? charge - sizes : 0;
-    c->base_how = g_strdup_printf("measured: %s %s - %s plugged (this QEMU "
-                                  "cannot measure resident bytes; assumes "
-                                  "all plugged memory is resident)",
-                                  charge_name, charge_s, res_s);
+    *outside = charge > sizes ? charge - sizes : 0;
+    *how = g_strdup_printf("%s %s - %s plugged", charge_name, charge_s,
+                           res_s);
+    return TRUE;
+}
+
+/*
+ * base: the largest of boot RAM + overhead, what is measured outside the
+ * devices now, and what an earlier run kept for this run of the VM.
+ * Never only the boot RAM the guest has touched so far: the guest may
+ * touch the rest at any moment, and that is no misbehaviour.
+ */
+static gboolean compute_base(Ctx *c, GPtrArray *devs, GError **errp)
+{
+    g_autofree char *boot_s = NULL, *over_s = NULL, *meas_how = NULL;
+    guint64 boot, outside;
+
+    g_clear_pointer(&c->base_how, g_free);
+    if (opt_base) {
+        c->base_how = g_strdup("given");
+        if (c->t->boot_ram(c->t, &boot, NULL) && c->base < boot) {
+            g_autofree char *b = vmem_fmt_size(c->base);
+
+            boot_s = vmem_fmt_size(boot);
+            g_printerr("vmem-limit: warning: --base %s is below the VM's "
+                       "boot RAM (%s): the guest can be OOM-killed for "
+                       "touching its own RAM\n", b, boot_s);
+        }
+        return TRUE;
+    }
+    if (!c->t->boot_ram(c->t, &boot, errp) ||
+        !measure_outside(c, devs, &outside, &meas_how, errp)) {
+        return FALSE;
+    }
+    boot_s = vmem_fmt_size(boot);
+    over_s = vmem_fmt_size(c->overhead);
+    c->base = boot + c->overhead;
+    c->base_how = g_strdup_printf("boot RAM %s + overhead %s", boot_s,
+                                  over_s);
+    if (outside > c->base) {
+        g_free(c->base_how);
+        c->base_how = g_strdup_printf("measured: %s, more than boot RAM %s "
+                                      "+ overhead %s", meas_how, boot_s,
+                                      over_s);
+        c->base = outside;
+    }
+    c->kept = vmem_state_get_base(c->state, c->t->instance);
+    if (c->kept > c->base) {
+        g_free(c->base_how);
+        c->base_how = g_strdup_printf("kept from an earlier run for this "
+                                      "VM; boot RAM %s + overhead %s, %s",
+                                      boot_s, over_s, meas_how);
+        c->base = c->kept;
+    }
+    return TRUE;
+}
+
+/* Keeps base for the next run on this VM, once a limit was set with it. */
+static gboolean keep_base(Ctx *c, GError **errp)
+{
+    if (opt_base || c->dry_run || c->base <= c->kept) {
+        return TRUE;
+    }
+    if (!vmem_state_put_base(c->state, c->t->instance, c->base, errp)) {
+        return FALSE;
+    }
+    c->kept = c->base;
     return TRUE;
 }
 
 static void print_budget(Ctx *c)
 {
     g_autofree char *b = vmem_fmt_size(c->base);
+    g_autofree char *h = vmem_fmt_size(c->headroom);
     g_autofree char *m = vmem_fmt_size(c->margin);
 
-    say("base   %s (%s)", b, c->base_how);
-    say("margin %s (%s)", m, c->margin_how);
+    say("base     %s (%s)", b, c->base_how);
+    say("headroom %s (memmap of growing each device to its max-size)", h);
+    say("margin   %s (%s)", m, c->margin_how);
 }
 
 /*
  * Brings the limit to want.  Lowering (or leaving "unlimited") happens
  * only while the charge fits under the new value, so the tool never makes
  * the kernel reclaim from, or OOM-kill, the VM.  why: what the new value
- * is for, for the log line.
+ * is for, for the log line, which also has the charge and the headroom
+ * (one line per change: the journal of the systemd unit).
  */
 static gboolean apply_limit(Ctx *c, guint64 want, const char *why,
                             GError **errp)
 {
     g_autofree char *want_s = vmem_fmt_size(want);
-    g_autofree char *hard_s = NULL;
+    g_autofree char *hard_s = NULL, *charge_s = NULL, *head_s = NULL;
     guint64 hard, soft, charge;
     const char *charge_name;
     const char *verb;
 
-    if (!c->t->get_limit(c->t, &hard, &soft, errp)) {
+    if (want > VMEM_SIZE_MAX) {
+        g_set_error(errp, VMEM_LIMIT_ERROR, VMEM_EXIT_USAGE,
+                    "the limit would be more than 4 PiB (base + devices + "
+                    "headroom + margin); check --base and --margin");
         return FALSE;
     }
+    if (!c->t->get_limit(c->t, &hard, &soft, errp) ||
+        !c->t->charge(c->t, &charge, &charge_name, errp)) {
+        return FALSE;
+    }
+    c->limit = hard;
     hard_s = vmem_fmt_size(hard);
+    charge_s = vmem_fmt_size(charge);
+    head_s = vmem_fmt_size(c->headroom);
     if (hard == want && (!c->t->soft_name || soft == want)) {
-        say("limit  %s of %s stays (%s)", want_s, c->t->limit_name, why);
+        say("limit  %s of %s stays (%s); charge %s, headroom %s", want_s,
+            c->t->limit_name, why, charge_s, head_s);
         return TRUE;
     }
-    if (want < hard) {
-        if (!c->t->charge(c->t, &charge, &charge_name, errp)) {
-            return FALSE;
-        }
-        if (charge > want) {
-            g_autofree char *charge_s = vmem_fmt_size(charge);
-
-            g_set_error(errp, VMEM_LIMIT_ERROR, VMEM_EXIT_BELOW_CHARGE,
-                        "not lowering %s from %s to %s: the charge (%s) is "
-                        "%s, above it; the limit stays at %s.  Raise --margin "
-                        "or --base, or let the guest free memory first",
-                        c->t->limit_name, hard_s, want_s, charge_name,
-                        charge_s, hard_s);
-            return FALSE;
-        }
+    if (want < hard && charge > want) {
+        g_set_error(errp, VMEM_LIMIT_ERROR, VMEM_EXIT_BELOW_CHARGE,
+                    "not lowering %s from %s to %s: the charge (%s) is "
+                    "%s, above it; the limit stays at %s.  Raise --margin "
+                    "or --base, or let the guest free memory first",
+                    c->t->limit_name, hard_s, want_s, charge_name,
+                    charge_s, hard_s);
+        return FALSE;
     }
     verb = want > hard ? "raise" : want < hard ? "lower" : "set";
     if (c->dry_run) {
-        say("would %s %s from %s to %s (%s)", verb, c->t->limit_name,
-            hard_s, want_s, why);
+        say("would %s %s from %s to %s (%s); charge %s, headroom %s", verb,
+            c->t->limit_name, hard_s, want_s, why, charge_s, head_s);
         return TRUE;
     }
     if (!c->t->set_limit(c->t, want, errp)) {
         return FALSE;
     }
-    say("%s %s from %s to %s (%s)", want > hard ? "raised" :
-        want < hard ? "lowered" : "set", c->t->limit_name, hard_s,
-        want_s, why);
+    c->limit = want;
+    say("%s %s from %s to %s (%s); charge %s, headroom %s",
+        want > hard ? "raised" : want < hard ? "lowered" : "set",
+        c->t->limit_name, hard_s, want_s, why, charge_s, head_s);
+    vmem_notify("STATUS=limit %s, charge %s, headroom %s", want_s, charge_s,
+                head_s);
     return TRUE;
 }
 
@@ -332,7 +494,7 @@ static int cmd_show(Ctx *c, GError **errp)
     const char *charge_name;
     guint i;
 
-    if (!devs || !measure_base(c, devs, errp) ||
+    if (!devs || !compute_base(c, devs, errp) ||
         !c->t->charge(c->t, &charge, &charge_name, errp) ||
         !c->t->get_limit(c->t, &hard, &soft, errp)) {
         return 1;
@@ -352,6 +514,7 @@ static int cmd_show(Ctx *c, GError **errp)
         MEMBER_STR("limit-name", c->t->limit_name);
         MEMBER_INT("base", c->base);
         MEMBER_STR("base-source", c->base_how);
+        MEMBER_INT("headroom", c->headroom);
         MEMBER_INT("margin", c->margin);
         MEMBER_STR("margin-source", c->margin_how);
         MEMBER_INT("devices", devices_sum(devs, NULL, 0));
@@ -399,11 +562,11 @@ static int cmd_show(Ctx *c, GError **errp)
         print_budget(c);
         say("charge %s (%s)", charge_s, charge_name);
         if (c->t->soft_name) {
-            say("limit  %s now (%s %s); wanted %s = base + %s + margin",
-                hard_s, c->t->soft_name, soft_s, want_s, sum_s);
+            say("limit  %s now (%s %s); wanted %s = base + %s + headroom + "
+                "margin", hard_s, c->t->soft_name, soft_s, want_s, sum_s);
         } else {
-            say("limit  %s now; wanted %s = base + %s + margin", hard_s,
-                want_s, sum_s);
+            say("limit  %s now; wanted %s = base + %s + headroom + margin",
+                hard_s, want_s, sum_s);
         }
     }
     return 0;
@@ -480,13 +643,14 @@ static int cmd_resize(Ctx *c, const char *id, const char *size_arg,
     gboolean raised = FALSE, sent = FALSE;
     GError *err = NULL;
 
-    if (!vmem_parse_size(size_arg, &req)) {
-        g_set_error(errp, VMEM_LIMIT_ERROR, VMEM_EXIT_USAGE,
-                    "'%s' is not a size; write e.g. 4G, 512M or bytes",
-                    size_arg);
+    if (!vmem_parse_size("SIZE", size_arg, &req, errp)) {
         return 1;
     }
     req_s = vmem_fmt_size(req);
+    /* Steps 1 and 2 under the lock: no follow lowers between them. */
+    if (!c->dry_run && !vmem_state_lock(c->state, errp)) {
+        return 1;
+    }
     devs = c->t->query(c->t, errp);
     if (!devs) {
         return 1;
@@ -518,14 +682,13 @@ static int cmd_resize(Ctx *c, const char *id, const char *size_arg,
                     id, req_s, blk_s, max_s);
         return 1;
     }
-    if (!measure_base(c, devs, errp)) {
+    if (!compute_base(c, devs, errp)) {
         return 1;
     }
-    print_budget(c);
-    print_device(d);
-
     /* 1. Room for max(size, req) before the device is asked for it. */
     during = wanted_limit(c, devs, id, req);
+    print_budget(c);
+    print_device(d);
     if (!c->t->get_limit(c->t, &hard, &soft, errp)) {
         return 1;
     }
@@ -536,6 +699,9 @@ static int cmd_resize(Ctx *c, const char *id, const char *size_arg,
             return 1;
         }
         raised = !c->dry_run;
+        if (raised && !keep_base(c, errp)) {
+            return 1;
+        }
     }
 
     /* 2. The resize. */
@@ -568,6 +734,7 @@ static int cmd_resize(Ctx *c, const char *id, const char *size_arg,
         return 1;
     }
     say("set requested-size of %s to %s", id, req_s);
+    vmem_state_unlock(c->state);
 
     /* 3. Settled: size == requested-size. */
     if (!wait_settled(c, id, req, errp)) {
@@ -575,6 +742,9 @@ static int cmd_resize(Ctx *c, const char *id, const char *size_arg,
     }
 
     /* 4. The limit for what the devices hold now, on a fresh reading. */
+    if (!vmem_state_lock(c->state, errp)) {
+        return 1;
+    }
     g_clear_pointer(&devs, g_ptr_array_unref);
     devs = c->t->query(c->t, errp);
     if (!devs) {
@@ -582,31 +752,45 @@ static int cmd_resize(Ctx *c, const char *id, const char *size_arg,
     }
     g_free(why);
     why = g_strdup_printf("%s settled at %s", id, req_s);
-    return apply_limit(c, wanted_limit(c, devs, NULL, 0), why, errp) ? 0 : 1;
+    if (!apply_limit(c, wanted_limit(c, devs, NULL, 0), why, errp) ||
+        !keep_base(c, errp)) {
+        return 1;
+    }
+    vmem_state_unlock(c->state);
+    return 0;
 }
 
 static int cmd_follow(Ctx *c, GError **errp)
 {
-    g_autoptr(GPtrArray) devs = c->t->query(c->t, errp);
+    g_autoptr(GPtrArray) devs = NULL;
     int interval_ms = opt_interval > 0 ? (int)(opt_interval * 1000) : -1;
+    gboolean staying = !opt_once && !c->dry_run;
     guint64 want, hard, soft, refused = 0;
     guint i;
 
-    if (!devs || !measure_base(c, devs, errp)) {
+    if (!c->dry_run && !vmem_state_lock(c->state, errp)) {
         return 1;
     }
+    devs = c->t->query(c->t, errp);
+    if (!devs || !compute_base(c, devs, errp)) {
+        return 1;
+    }
+    want = wanted_limit(c, devs, NULL, 0);
     print_budget(c);
     for (i = 0; i < devs->len; i++) {
         print_device(devs->pdata[i]);
     }
-    want = wanted_limit(c, devs, NULL, 0);
     if (!apply_limit(c, want, "follow: devices now", errp) ||
+        !keep_base(c, errp) ||
         !c->t->get_limit(c->t, &hard, &soft, errp)) {
         return 1;
     }
-    if (opt_once || c->dry_run) {
+    vmem_state_unlock(c->state);
+    if (!staying) {
         return 0;
     }
+    /* The service has started: the limit is set, as --once sets it. */
+    vmem_notify("READY=1");
     if (interval_ms < 0) {
         say("following %s (events only)", c->t->what);
     } else {
@@ -630,8 +814,12 @@ static int cmd_follow(Ctx *c, GError **errp)
         /*
          * An event's size is already old when it arrives (QEMU holds
          * them back to one a second per device): read the devices again
-         * and act on that.
+         * and act on that, under the lock, so that no resize raises
+         * between the reading and the write.
          */
+        if (!vmem_state_lock(c->state, errp)) {
+            return 1;
+        }
         g_clear_pointer(&devs, g_ptr_array_unref);
         devs = c->t->query(c->t, errp);
         if (!devs) {
@@ -642,7 +830,9 @@ static int cmd_follow(Ctx *c, GError **errp)
         if (!c->t->get_limit(c->t, &hard, &soft, errp)) {
             return 1;
         }
+        c->limit = hard;
         if (hard == want && (!c->t->soft_name || soft == want)) {
+            vmem_state_unlock(c->state);
             refused = 0;
             continue;
         }
@@ -662,10 +852,54 @@ static int cmd_follow(Ctx *c, GError **errp)
                 fprintf(stderr, "vmem-limit: %s\n", err->message);
             }
             refused = want;
+            vmem_state_unlock(c->state);
             continue;
         }
+        vmem_state_unlock(c->state);
         refused = 0;
         hard = want;
+    }
+}
+
+/*
+ * A VM lost on the way: say so precisely.  An OOM kill counted in its
+ * cgroup (or found in the kernel log) is exit 8, with the limit it met;
+ * a VM shut down on purpose ends follow with exit 0.
+ */
+static void explain_loss(Ctx *c, const char *cmd, GError **errp)
+{
+    g_autofree char *where = NULL, *kmsg = NULL, *limit_s = NULL;
+    g_autofree char *how = NULL;
+    GError *e = *errp;
+    guint64 n;
+
+    if (!e || !c->t || !g_error_matches(e, VMEM_LIMIT_ERROR, VMEM_EXIT_LOST)) {
+        return;
+    }
+    limit_s = c->limit ? vmem_fmt_size(c->limit) : g_strdup("unknown");
+    if (c->have_oom && c->t->oom_kills(c->t, &n, &where) &&
+        n > c->oom_kills) {
+        how = g_strdup_printf("oom_kill in %s rose from %" G_GUINT64_FORMAT
+                              " to %" G_GUINT64_FORMAT, where, c->oom_kills,
+                              n);
+    } else if ((kmsg = vmem_kmsg_oom_kill(c->t->pid))) {
+        how = g_strdup_printf("the kernel log says \"%s\"", kmsg);
+    }
+    if (how) {
+        GError *oom = g_error_new(VMEM_LIMIT_ERROR, VMEM_EXIT_OOM,
+            "%s was OOM-killed (QEMU pid %d): %s.  The limit was %s.  "
+            "Unless the VM was grown without raising the limit first, "
+            "QEMU's own memory outgrew the base: raise --overhead or "
+            "--margin.  (%s)", c->t->what, c->t->pid, how, limit_s,
+            e->message);
+
+        g_clear_error(errp);
+        g_propagate_error(errp, oom);
+        return;
+    }
+    if (c->t->shut_down && !strcmp(cmd, "follow")) {
+        say("%s was shut down; the limit stays at %s", c->t->what, limit_s);
+        g_clear_error(errp);
     }
 }
 
@@ -687,8 +921,11 @@ static VmemTarget *open_target(GError **errp)
             return NULL;
         }
 #ifdef HAVE_LIBVIRT
-        return vmem_target_libvirt_open(opt_connect ? opt_connect :
-                                        DEFAULT_URI, opt_domain, errp);
+        const char *uri = opt_connect ? opt_connect :
+                          g_getenv("LIBVIRT_DEFAULT_URI");
+
+        return vmem_target_libvirt_open(uri && *uri ? uri : DEFAULT_URI,
+                                        opt_domain, errp);
 #else
         g_set_error(errp, VMEM_LIMIT_ERROR, VMEM_EXIT_USAGE,
                     "this vmem-limit was built without libvirt");
@@ -700,7 +937,33 @@ static VmemTarget *open_target(GError **errp)
                     "give --qmp and --cgroup, or --domain; see --help");
         return NULL;
     }
-    return vmem_target_qmp_open(opt_qmp, opt_cgroup, errp);
+    return vmem_target_qmp_open(opt_qmp, opt_cgroup, !opt_no_pid_check,
+                                errp);
+}
+
+/*
+ * The per-VM lock and base files.  show and --dry-run change nothing:
+ * they read a base kept there, but create no directory and take no lock.
+ */
+static gboolean open_state(Ctx *c, const char *key, const char *what,
+                           gboolean changes, GError **errp)
+{
+    const char *env = g_getenv("RUNTIME_DIRECTORY");
+    g_autofree char *dir = NULL;
+
+    if (opt_state_dir) {
+        dir = g_strdup(opt_state_dir);
+    } else if (env && *env) {
+        /* systemd gives one path per RuntimeDirectory=, ':'-separated */
+        dir = g_strndup(env, strcspn(env, ":"));
+    } else {
+        dir = g_strdup(DEFAULT_STATE_DIR);
+    }
+    if (!changes && !g_file_test(dir, G_FILE_TEST_IS_DIR)) {
+        return TRUE;
+    }
+    c->state = vmem_state_open(dir, key, what, errp);
+    return c->state != NULL;
 }
 
 int main(int argc, char **argv)
@@ -708,6 +971,7 @@ int main(int argc, char **argv)
     g_autoptr(GOptionContext) ctx = NULL;
     g_autoptr(GError) err = NULL;
     Ctx c = { 0 };
+    gboolean changes, following;
     const char *cmd;
     int ret = 1;
 
@@ -730,27 +994,60 @@ int main(int argc, char **argv)
     }
     c.dry_run = opt_dry_run;
     c.margin = DEFAULT_MARGIN;
+    c.overhead = DEFAULT_OVERHEAD;
     c.margin_how = g_strdup("default");
     if (opt_margin) {
-        if (!vmem_parse_size(opt_margin, &c.margin)) {
-            fprintf(stderr, "vmem-limit: --margin '%s' is not a size\n",
-                    opt_margin);
-            return VMEM_EXIT_USAGE;
+        if (!vmem_parse_size("--margin", opt_margin, &c.margin, &err)) {
+            goto out;
+        }
+        if (c.margin < MARGIN_FLOOR) {
+            g_set_error(&err, VMEM_LIMIT_ERROR, VMEM_EXIT_USAGE,
+                        "--margin %s is below the floor of 32 MiB: QEMU's "
+                        "heap and page tables grow by that much unannounced, "
+                        "and a limit at the charge makes the kernel reclaim "
+                        "from the VM; give at least 32M", opt_margin);
+            goto out;
         }
         g_free(c.margin_how);
         c.margin_how = g_strdup("given");
     }
-    if (opt_base && !vmem_parse_size(opt_base, &c.base)) {
-        fprintf(stderr, "vmem-limit: --base '%s' is not a size\n", opt_base);
-        return VMEM_EXIT_USAGE;
+    if ((opt_base && !vmem_parse_size("--base", opt_base, &c.base, &err)) ||
+        (opt_overhead &&
+         !vmem_parse_size("--overhead", opt_overhead, &c.overhead, &err))) {
+        goto out;
+    }
+    if (opt_base && c.base + c.margin > VMEM_SIZE_MAX) {
+        g_set_error(&err, VMEM_LIMIT_ERROR, VMEM_EXIT_USAGE,
+                    "--base %s and margin add up to more than 4 PiB; check "
+                    "the numbers", opt_base);
+        goto out;
     }
     if (opt_timeout <= 0) {
-        fprintf(stderr, "vmem-limit: --timeout must be at least 1 s\n");
-        return VMEM_EXIT_USAGE;
+        g_set_error(&err, VMEM_LIMIT_ERROR, VMEM_EXIT_USAGE,
+                    "--timeout must be at least 1 s");
+        goto out;
     }
 
+    changes = !c.dry_run && strcmp(cmd, "show");
+    following = !strcmp(cmd, "follow") && changes && !opt_once;
+    /* With QMP, before QEMU is reached: its monitor serves one client. */
+    if (!opt_domain && opt_qmp && opt_cgroup) {
+        g_autofree char *key = vmem_target_qmp_key(opt_cgroup);
+        g_autofree char *what = g_strdup_printf("cgroup %s", opt_cgroup);
+
+        if (!open_state(&c, key, what, changes, &err) ||
+            (following && !vmem_state_claim_follow(c.state, &err))) {
+            goto out;
+        }
+    }
     c.t = open_target(&err);
+    if (c.t && opt_domain &&
+        (!open_state(&c, c.t->key, c.t->what, changes, &err) ||
+         (following && !vmem_state_claim_follow(c.state, &err)))) {
+        goto out;
+    }
     if (c.t) {
+        c.have_oom = c.t->oom_kills(c.t, &c.oom_kills, NULL);
         if (!strcmp(cmd, "show")) {
             ret = cmd_show(&c, &err);
         } else if (!strcmp(cmd, "resize")) {
@@ -758,12 +1055,18 @@ int main(int argc, char **argv)
         } else {
             ret = cmd_follow(&c, &err);
         }
+        explain_loss(&c, cmd, &err);
+        if (!err && ret) {
+            ret = 0;    /* follow: the VM was shut down */
+        }
     }
+out:
     if (err || ret) {
         fprintf(stderr, "vmem-limit: %s\n",
                 err ? err->message : "failed (no details)");
         ret = exit_code(err);
     }
+    vmem_state_close(c.state);
     vmem_target_close(c.t);
     g_free(c.base_how);
     g_free(c.margin_how);

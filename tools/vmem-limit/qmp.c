@@ -6,10 +6,12 @@
  * command and its reply; they are queued for the caller instead of being
  * dropped, because the follow mode lives on them.
  */
+#define _GNU_SOURCE     /* struct ucred */
 #include <errno.h>
 #include <poll.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -18,12 +20,15 @@
 
 /* A command QEMU does not answer within this time counts as lost. */
 #define QMP_REPLY_TIMEOUT_MS 30000
+/* QEMU greets at once; a monitor that stays silent this long is no QMP. */
+#define QMP_GREETING_TIMEOUT_MS 10000
 
 struct Qmp {
     int fd;
     char *path;
     GString *buf;
     GQueue events;
+    int peer_pid;
 };
 
 static gboolean qmp_lost(Qmp *q, const char *why, GError **errp)
@@ -235,9 +240,96 @@ JsonObject *qmp_pop_event(Qmp *q)
     return g_queue_pop_head(&q->events);
 }
 
+/*
+ * Why connect() to path failed, in words that say what to do.  A path
+ * that is no socket, and a socket nobody listens on (QEMU gone, its file
+ * left behind), are told apart from a missing one.
+ */
+static void qmp_connect_error(const char *path, int e, GError **errp)
+{
+    struct stat st;
+
+    if (e == EACCES || e == EPERM) {
+        g_set_error(errp, VMEM_LIMIT_ERROR, VMEM_EXIT_PERMISSION,
+                    "QMP socket %s: %s; run as the user that owns it",
+                    path, g_strerror(e));
+    } else if (stat(path, &st) == 0 && !S_ISSOCK(st.st_mode)) {
+        g_set_error(errp, VMEM_LIMIT_ERROR, VMEM_EXIT_USAGE,
+                    "%s is not a socket but a %s; give --qmp the path of "
+                    "QEMU's QMP socket (-chardev socket,path=...)", path,
+                    S_ISDIR(st.st_mode) ? "directory" :
+                    S_ISREG(st.st_mode) ? "regular file" : "special file");
+    } else if (e == ECONNREFUSED) {
+        g_set_error(errp, VMEM_LIMIT_ERROR, VMEM_EXIT_LOST,
+                    "nobody listens on QMP socket %s: the QEMU that made it "
+                    "has exited (is the VM running?)", path);
+    } else if (e == ENOENT) {
+        g_set_error(errp, VMEM_LIMIT_ERROR, VMEM_EXIT_LOST,
+                    "no QMP socket %s: is the VM running?  Start QEMU with "
+                    "-chardev socket,id=mon1,path=%s,server=on,wait=off "
+                    "-mon chardev=mon1,mode=control", path, path);
+    } else {
+        g_set_error(errp, VMEM_LIMIT_ERROR, VMEM_EXIT_LOST,
+                    "QMP socket %s: %s", path, g_strerror(e));
+    }
+}
+
+/*
+ * Waits for QMP's greeting, {"QMP": {...}}, the first thing QEMU sends.
+ * Nothing is written before it has come: a socket that is not QMP (a
+ * serial console, HMP) must not receive a command it might run.
+ */
+static gboolean qmp_greeting(Qmp *q, GError **errp)
+{
+    gint64 deadline = g_get_monotonic_time() +
+                      QMP_GREETING_TIMEOUT_MS * (gint64)1000;
+    g_autoptr(JsonNode) node = NULL;
+    g_autofree char *line = NULL;
+    char *nl;
+
+    while (!(nl = memchr(q->buf->str, '\n', q->buf->len))) {
+        int left = (int)((deadline - g_get_monotonic_time()) / 1000);
+        int r = left > 0 ? qmp_fill(q, left, errp) : 0;
+
+        if (r < 0) {
+            return FALSE;
+        }
+        if (r == 0 && q->buf->len) {
+            break;      /* text without a newline: not QMP */
+        }
+        if (r == 0) {
+            g_set_error(errp, VMEM_LIMIT_ERROR, VMEM_EXIT_LOST,
+                        "QMP socket %s sent no QMP greeting within %d s: it "
+                        "is not a QMP monitor (a serial console says nothing "
+                        "until spoken to), another client holds it (QEMU "
+                        "serves one client per monitor: add a second -mon), "
+                        "or QEMU hangs", q->path,
+                        QMP_GREETING_TIMEOUT_MS / 1000);
+            return FALSE;
+        }
+    }
+    line = nl ? g_strndup(q->buf->str, nl - q->buf->str)
+              : g_strdup(q->buf->str);
+    node = json_from_string(g_strstrip(line), NULL);
+    if (!node || !JSON_NODE_HOLDS_OBJECT(node) ||
+        !json_object_has_member(json_node_get_object(node), "QMP")) {
+        g_autofree char *shown = g_strescape(line, NULL);
+
+        g_set_error(errp, VMEM_LIMIT_ERROR, VMEM_EXIT_USAGE,
+                    "%s is not a QMP socket: it began with \"%.60s\" where "
+                    "QMP greets with {\"QMP\": ...}; give --qmp a monitor "
+                    "in mode=control, not a console or HMP", q->path, shown);
+        return FALSE;
+    }
+    g_string_erase(q->buf, 0, nl - q->buf->str + 1);
+    return TRUE;
+}
+
 Qmp *qmp_connect(const char *path, GError **errp)
 {
     struct sockaddr_un sa = { .sun_family = AF_UNIX };
+    struct ucred cred;
+    socklen_t len = sizeof(cred);
     g_autoptr(JsonNode) ret = NULL;
     Qmp *q;
 
@@ -255,29 +347,29 @@ Qmp *qmp_connect(const char *path, GError **errp)
     g_queue_init(&q->events);
     q->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (q->fd < 0 || connect(q->fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
-        int e = errno;
-
-        if (e == EACCES || e == EPERM) {
-            g_set_error(errp, VMEM_LIMIT_ERROR, VMEM_EXIT_PERMISSION,
-                        "QMP socket %s: %s; run as the user that owns it",
-                        path, g_strerror(e));
-        } else {
-            g_set_error(errp, VMEM_LIMIT_ERROR, VMEM_EXIT_LOST,
-                        "QMP socket %s: %s; start QEMU with "
-                        "-chardev socket,id=mon1,path=%s,server=on,wait=off "
-                        "-mon chardev=mon1,mode=control",
-                        path, g_strerror(e), path);
-        }
+        qmp_connect_error(path, errno, errp);
         qmp_close(q);
         return NULL;
     }
-    /* The greeting comes first; qmp_call skips it. */
+    /* The process that listens: QEMU, unless the socket is not QEMU's. */
+    if (getsockopt(q->fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0) {
+        q->peer_pid = cred.pid;
+    }
+    if (!qmp_greeting(q, errp)) {
+        qmp_close(q);
+        return NULL;
+    }
     ret = qmp_call(q, "qmp_capabilities", NULL, NULL, NULL, errp);
     if (!ret) {
         qmp_close(q);
         return NULL;
     }
     return q;
+}
+
+int qmp_peer_pid(Qmp *q)
+{
+    return q->peer_pid;
 }
 
 void qmp_close(Qmp *q)

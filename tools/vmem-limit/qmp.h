@@ -9,6 +9,8 @@ typedef struct Qmp Qmp;
 
 Qmp *qmp_connect(const char *path, GError **errp);
 void qmp_close(Qmp *q);
+/* The pid of the process listening on the socket (SO_PEERCRED), or 0. */
+int qmp_peer_pid(Qmp *q);
 
 /*
  * Runs one command (args may be NULL; it is consumed) and returns its

@@ -27,6 +27,7 @@
 #include <json-glib/json-glib.h>
 
 #include "vmem-limit.h"
+#include "cgroup.h"
 
 typedef struct {
     virConnectPtr conn;
@@ -38,6 +39,8 @@ typedef struct {
     gboolean changed;
     gboolean lost;
     char *lost_why;
+    VmemTarget *t;
+    Cgroup *cg;             /* QEMU's memory cgroup, for OOM kills */
 } LvTarget;
 
 static void lv_quiet(void *opaque, virErrorPtr e)
@@ -310,6 +313,129 @@ static GPtrArray *lv_query(VmemTarget *t, GError **errp)
     return devs;
 }
 
+/*
+ * Boot RAM from the domain XML: the sum of the NUMA cells where there are
+ * any, else <memory> less the memory devices' <size> (libvirt counts
+ * those in <memory>).  No monitor passthrough needed.
+ */
+typedef struct {
+    GSList *stack;
+    guint64 mult;
+    guint64 *into;
+    guint64 memory, cells, devices;
+} LvBoot;
+
+static guint64 lv_attr_bytes(const char **names, const char **values,
+                             const char *attr, guint64 *mult)
+{
+    const char *unit = NULL, *val = NULL;
+    guint i;
+
+    for (i = 0; names[i]; i++) {
+        if (!strcmp(names[i], "unit")) {
+            unit = values[i];
+        } else if (attr && !strcmp(names[i], attr)) {
+            val = values[i];
+        }
+    }
+    *mult = lv_unit_bytes(unit);
+    return val ? g_ascii_strtoull(val, NULL, 10) * *mult : 0;
+}
+
+static void lv_boot_start(GMarkupParseContext *ctx, const char *name,
+                          const char **names, const char **values,
+                          gpointer data, GError **errp)
+{
+    LvBoot *b = data;
+    guint depth = g_slist_length(b->stack);
+    const char *parent = b->stack ? b->stack->data : "";
+    const char *grand = depth > 1 ? b->stack->next->data : "";
+
+    (void)ctx;
+    (void)errp;
+    b->into = NULL;
+    if (depth == 1 && !strcmp(name, "memory")) {
+        lv_attr_bytes(names, values, NULL, &b->mult);
+        b->into = &b->memory;
+    } else if (!strcmp(name, "cell") && !strcmp(parent, "numa")) {
+        b->cells += lv_attr_bytes(names, values, "memory", &b->mult);
+    } else if (!strcmp(name, "size") && !strcmp(parent, "target") &&
+               !strcmp(grand, "memory") && depth == 4) {
+        lv_attr_bytes(names, values, NULL, &b->mult);
+        b->into = &b->devices;
+    }
+    b->stack = g_slist_prepend(b->stack, g_strdup(name));
+}
+
+static void lv_boot_end(GMarkupParseContext *ctx, const char *name,
+                        gpointer data, GError **errp)
+{
+    LvBoot *b = data;
+    GSList *top = b->stack;
+
+    (void)ctx;
+    (void)name;
+    (void)errp;
+    b->stack = top->next;
+    g_free(top->data);
+    g_slist_free_1(top);
+    b->into = NULL;
+}
+
+static void lv_boot_text(GMarkupParseContext *ctx, const char *text,
+                         gsize len, gpointer data, GError **errp)
+{
+    LvBoot *b = data;
+    g_autofree char *s = NULL;
+
+    (void)ctx;
+    (void)errp;
+    if (b->into) {
+        s = g_strstrip(g_strndup(text, len));
+        *b->into += g_ascii_strtoull(s, NULL, 10) * b->mult;
+    }
+}
+
+static gboolean lv_boot_ram(VmemTarget *t, guint64 *bytes, GError **errp)
+{
+    static const GMarkupParser parser = {
+        .start_element = lv_boot_start,
+        .end_element = lv_boot_end,
+        .text = lv_boot_text,
+    };
+    LvTarget *lt = t->opaque;
+    g_autofree char *xml = lv_xml(lt, errp);
+    LvBoot b = { 0 };
+    GMarkupParseContext *ctx;
+    gboolean ok;
+
+    if (!xml) {
+        return FALSE;
+    }
+    ctx = g_markup_parse_context_new(&parser, 0, &b, NULL);
+    ok = g_markup_parse_context_parse(ctx, xml, -1, NULL) &&
+         g_markup_parse_context_end_parse(ctx, NULL);
+    g_markup_parse_context_free(ctx);
+    g_slist_free_full(b.stack, g_free);
+    *bytes = b.cells ? b.cells :
+             b.memory > b.devices ? b.memory - b.devices : 0;
+    if (!ok || !*bytes || *bytes > VMEM_SIZE_MAX) {
+        g_set_error(errp, VMEM_LIMIT_ERROR, VMEM_EXIT_LOST,
+                    "libvirt domain %s: cannot read its boot RAM from the "
+                    "domain XML (<memory>, <numa> cells); give --base",
+                    lt->name);
+        return FALSE;
+    }
+    return TRUE;
+}
+
+static gboolean lv_oom_kills(VmemTarget *t, guint64 *n, char **where)
+{
+    LvTarget *lt = t->opaque;
+
+    return lt->cg && cgroup_oom_kills(lt->cg, n, where);
+}
+
 /* --- through libvirt's monitor passthrough ------------------------------ */
 
 static gboolean lv_resident(VmemTarget *t, guint64 *bytes, GError **errp)
@@ -502,12 +628,17 @@ static void lv_lifecycle(virConnectPtr conn, virDomainPtr dom, int event,
 
     (void)conn;
     (void)dom;
-    (void)detail;
     if (event == VIR_DOMAIN_EVENT_STOPPED ||
         event == VIR_DOMAIN_EVENT_CRASHED) {
         lt->lost = TRUE;
         g_free(lt->lost_why);
         lt->lost_why = g_strdup("the domain stopped");
+        /* shut down or destroyed on purpose, not crashed or killed */
+        lt->t->shut_down = event == VIR_DOMAIN_EVENT_STOPPED &&
+            (detail == VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN ||
+             detail == VIR_DOMAIN_EVENT_STOPPED_DESTROYED ||
+             detail == VIR_DOMAIN_EVENT_STOPPED_SAVED ||
+             detail == VIR_DOMAIN_EVENT_STOPPED_MIGRATED);
     }
 }
 
@@ -573,6 +704,7 @@ static void lv_close(VmemTarget *t)
     if (lt->conn) {
         virConnectClose(lt->conn);
     }
+    cgroup_free(lt->cg);
     g_free(lt->name);
     g_free(lt->uri);
     g_free(lt->lost_why);
@@ -584,9 +716,11 @@ VmemTarget *vmem_target_libvirt_open(const char *uri, const char *domain,
 {
     LvTarget *lt = g_new0(LvTarget, 1);
     VmemTarget *t = g_new0(VmemTarget, 1);
+    char uuid[VIR_UUID_STRING_BUFLEN];
 
     t->opaque = lt;
     t->close = lv_close;
+    lt->t = t;
     lt->name = g_strdup(domain);
     lt->uri = g_strdup(uri);
     lt->size_cb = lt->life_cb = -1;
@@ -631,12 +765,32 @@ VmemTarget *vmem_target_libvirt_open(const char *uri, const char *domain,
         lv_error(lt, errp, VMEM_EXIT_LOST, "register for events");
         goto fail;
     }
+    if (virDomainGetUUIDString(lt->dom, uuid) < 0) {
+        lv_error(lt, errp, VMEM_EXIT_LOST, "read the domain's UUID");
+        goto fail;
+    }
+    t->key = g_strdup_printf("domain-%s", uuid);
+    /*
+     * QEMU's pid, where libvirt runs it on this host: for the instance
+     * and for the cgroup that counts OOM kills (libvirt's API has
+     * neither).
+     */
+    t->pid = vmem_proc_find_uuid(uuid);
+    t->instance = t->pid ? vmem_proc_instance(t->pid) :
+                  g_strdup_printf("%s:%d", uuid, (int)virDomainGetID(lt->dom));
+    if (t->pid) {
+        g_autofree char *cg = vmem_proc_memory_cgroup(t->pid);
+
+        lt->cg = cg ? cgroup_open(cg, NULL) : NULL;
+    }
     t->what = g_strdup_printf("libvirt domain %s (%s)", domain, uri);
     t->limit_name = g_strdup_printf("hard_limit and soft_limit of domain %s",
                                     domain);
     t->soft_name = g_strdup("soft_limit");
     t->query = lv_query;
     t->resident = lv_resident;
+    t->boot_ram = lv_boot_ram;
+    t->oom_kills = lv_oom_kills;
     t->charge = lv_charge;
     t->get_limit = lv_get_limit;
     t->set_limit = lv_set_limit;

@@ -2,6 +2,7 @@
 /*
  * A VM reached through its QMP socket, its limit in a cgroup directory.
  */
+#include <stdlib.h>
 #include <string.h>
 
 #include "vmem-limit.h"
@@ -92,6 +93,38 @@ static gboolean qmp_target_resident(VmemTarget *t, guint64 *bytes,
     return TRUE;
 }
 
+/* query-memory-size-summary: boot RAM, in stock QEMU too. */
+static gboolean qmp_target_boot_ram(VmemTarget *t, guint64 *bytes,
+                                    GError **errp)
+{
+    QmpTarget *qt = t->opaque;
+    g_autoptr(JsonNode) ret = NULL;
+    gint64 v;
+
+    ret = qmp_call(qt->qmp, "query-memory-size-summary", NULL, NULL, NULL,
+                   errp);
+    if (!ret) {
+        return FALSE;
+    }
+    v = JSON_NODE_HOLDS_OBJECT(ret) ?
+        member_int(json_node_get_object(ret), "base-memory") : -1;
+    if (v < 0 || (guint64)v > VMEM_SIZE_MAX) {
+        g_set_error(errp, VMEM_LIMIT_ERROR, VMEM_EXIT_REFUSED,
+                    "%s: query-memory-size-summary gave no base-memory; "
+                    "give --base", t->what);
+        return FALSE;
+    }
+    *bytes = v;
+    return TRUE;
+}
+
+static gboolean qmp_target_oom_kills(VmemTarget *t, guint64 *n, char **where)
+{
+    QmpTarget *qt = t->opaque;
+
+    return cgroup_oom_kills(qt->cg, n, where);
+}
+
 static gboolean qmp_target_charge(VmemTarget *t, guint64 *bytes,
                                   const char **name, GError **errp)
 {
@@ -136,22 +169,24 @@ static gboolean qmp_target_wait_event(VmemTarget *t, int timeout_ms,
                                       gboolean *changed, GError **errp)
 {
     QmpTarget *qt = t->opaque;
+    gboolean ok;
     JsonObject *ev;
 
     *changed = FALSE;
-    if (!qmp_wait_event(qt->qmp, timeout_ms, errp)) {
-        return FALSE;
-    }
+    ok = qmp_wait_event(qt->qmp, timeout_ms, errp);
+    /* Also when the connection is gone: a SHUTDOWN may precede its end. */
     while ((ev = qmp_pop_event(qt->qmp))) {
         const char *name = json_object_get_string_member_with_default(
                                ev, "event", "");
 
         if (!strcmp(name, "MEMORY_DEVICE_SIZE_CHANGE")) {
             *changed = TRUE;
+        } else if (!strcmp(name, "SHUTDOWN")) {
+            t->shut_down = TRUE;    /* and QEMU exits, unless -no-shutdown */
         }
         json_object_unref(ev);
     }
-    return TRUE;
+    return ok;
 }
 
 static void qmp_target_close(VmemTarget *t)
@@ -163,8 +198,65 @@ static void qmp_target_close(VmemTarget *t)
     g_free(qt);
 }
 
+/*
+ * The socket and the cgroup must be one VM's: the process listening on
+ * the socket (SO_PEERCRED) is in the cgroup or below it.  Otherwise a
+ * typo in either would have the tool limit one VM by another's sizes.
+ */
+static gboolean qmp_target_same_vm(VmemTarget *t, const char *socket_path,
+                                   const char *cgroup_dir, GError **errp)
+{
+    g_autofree char *in = NULL;
+    gboolean found;
+
+    if (t->pid <= 0) {
+        g_set_error(errp, VMEM_LIMIT_ERROR, VMEM_EXIT_USAGE,
+                    "cannot tell which process listens on QMP socket %s, "
+                    "so not whether it is in cgroup %s; --no-pid-check "
+                    "skips this check", socket_path, cgroup_dir);
+        return FALSE;
+    }
+    if (!vmem_cgroup_holds(cgroup_dir, t->pid, &found, errp)) {
+        g_autofree char *msg = NULL;
+
+        g_prefix_error(errp, "cannot check that QEMU (pid %d) of %s is in "
+                       "the cgroup: ", t->pid, socket_path);
+        msg = g_strdup_printf("%s (--no-pid-check skips this check)",
+                              (*errp)->message);
+        g_free((*errp)->message);
+        (*errp)->message = g_steal_pointer(&msg);
+        return FALSE;
+    }
+    if (found) {
+        return TRUE;
+    }
+    in = vmem_proc_memory_cgroup(t->pid);
+    g_set_error(errp, VMEM_LIMIT_ERROR, VMEM_EXIT_USAGE,
+                "QMP socket %s belongs to QEMU pid %d, which is not in "
+                "cgroup %s (nor below it) but in %s: the socket and the "
+                "cgroup are not the same VM.  Fix --qmp or --cgroup "
+                "(--no-pid-check skips this check)", socket_path, t->pid,
+                cgroup_dir, in ? in : "another cgroup");
+    return FALSE;
+}
+
+/*
+ * The lock and state files are the cgroup's, what two instances would
+ * both write; known before QEMU is reached, so that a second follow is
+ * told so at once and not left waiting for a monitor the first one holds.
+ */
+char *vmem_target_qmp_key(const char *cgroup_dir)
+{
+    g_autofree char *real = realpath(cgroup_dir, NULL);
+    g_autofree char *hash = g_compute_checksum_for_string(
+        G_CHECKSUM_SHA256, real ? real : cgroup_dir, -1);
+
+    return g_strdup_printf("cgroup-%.16s", hash);
+}
+
 VmemTarget *vmem_target_qmp_open(const char *socket_path,
-                                 const char *cgroup_dir, GError **errp)
+                                 const char *cgroup_dir, gboolean pid_check,
+                                 GError **errp)
 {
     QmpTarget *qt = g_new0(QmpTarget, 1);
     VmemTarget *t;
@@ -183,7 +275,15 @@ VmemTarget *vmem_target_qmp_open(const char *socket_path,
     }
     t = g_new0(VmemTarget, 1);
     t->opaque = qt;
+    t->close = qmp_target_close;
     t->what = g_strdup_printf("QMP socket %s", socket_path);
+    t->pid = qmp_peer_pid(qt->qmp);
+    if (pid_check && !qmp_target_same_vm(t, socket_path, cgroup_dir, errp)) {
+        vmem_target_close(t);
+        return NULL;
+    }
+    t->instance = vmem_proc_instance(t->pid);
+    t->key = vmem_target_qmp_key(cgroup_dir);
     t->limit_name = g_strdup_printf("%s%s%s of cgroup %s (v%d)",
                                     qt->cg->limit_file,
                                     qt->cg->soft_file ? " and " : "",
@@ -192,11 +292,12 @@ VmemTarget *vmem_target_qmp_open(const char *socket_path,
     t->soft_name = g_strdup(qt->cg->soft_file);
     t->query = qmp_target_query;
     t->resident = qmp_target_resident;
+    t->boot_ram = qmp_target_boot_ram;
+    t->oom_kills = qmp_target_oom_kills;
     t->charge = qmp_target_charge;
     t->get_limit = qmp_target_get_limit;
     t->set_limit = qmp_target_set_limit;
     t->set_requested = qmp_target_set_requested;
     t->wait_event = qmp_target_wait_event;
-    t->close = qmp_target_close;
     return t;
 }

@@ -22,6 +22,7 @@ typedef enum {
     VMEM_EXIT_REFUSED = 5,      /* QEMU or libvirt refused a command */
     VMEM_EXIT_TIMEOUT = 6,      /* resize did not settle by the deadline */
     VMEM_EXIT_BELOW_CHARGE = 7, /* new limit would be below the charge */
+    VMEM_EXIT_OOM = 8,          /* the VM was OOM-killed */
 } VmemExit;
 
 #define VMEM_LIMIT_ERROR (vmem_limit_error_quark())
@@ -29,6 +30,12 @@ GQuark vmem_limit_error_quark(void);
 
 /* "no limit" as read from the cgroup or libvirt */
 #define VMEM_UNLIMITED G_MAXUINT64
+
+/*
+ * No size the tool handles is larger: 4 PiB, what 52 physical address
+ * bits reach.  Sums of a few such sizes cannot wrap a guint64.
+ */
+#define VMEM_SIZE_MAX (G_GUINT64_CONSTANT(1) << 52)
 
 /* One virtio-mem device as the VMM reports it. */
 typedef struct {
@@ -53,6 +60,10 @@ struct VmemTarget {
     char *what;             /* "QMP socket X" / "libvirt domain D" */
     char *limit_name;       /* "memory.max and memory.high of cgroup DIR" */
     char *soft_name;        /* the soft limit written with it, or NULL */
+    char *key;              /* names the VM's lock and state files */
+    char *instance;         /* this run of the VM (NULL: unknown) */
+    int pid;                /* QEMU's pid, 0 where unknown */
+    gboolean shut_down;     /* the VM was shut down on purpose */
 
     /* Every virtio-mem device, fresh from the VMM. */
     GPtrArray *(*query)(VmemTarget *t, GError **errp);
@@ -62,6 +73,13 @@ struct VmemTarget {
      * the VMM cannot tell (stock QEMU).
      */
     gboolean (*resident)(VmemTarget *t, guint64 *bytes, GError **errp);
+    /* The VM's boot RAM (query-memory-size-summary's base-memory). */
+    gboolean (*boot_ram)(VmemTarget *t, guint64 *bytes, GError **errp);
+    /*
+     * OOM kills counted in the VM's memory cgroup so far, and the file
+     * that counts them; FALSE where that cannot be read.
+     */
+    gboolean (*oom_kills)(VmemTarget *t, guint64 *n, char **where);
     /* What the limit is compared with: the cgroup charge (or RSS). */
     gboolean (*charge)(VmemTarget *t, guint64 *bytes, const char **name,
                        GError **errp);
@@ -85,17 +103,48 @@ struct VmemTarget {
     void *opaque;
 };
 
+char *vmem_target_qmp_key(const char *cgroup_dir);
 VmemTarget *vmem_target_qmp_open(const char *socket_path,
-                                 const char *cgroup_dir, GError **errp);
+                                 const char *cgroup_dir, gboolean pid_check,
+                                 GError **errp);
 #ifdef HAVE_LIBVIRT
 VmemTarget *vmem_target_libvirt_open(const char *uri, const char *domain,
                                      GError **errp);
 #endif
 void vmem_target_close(VmemTarget *t);
 
-/* Sizes: "1073741824", "1G", "512MiB", "64m".  Binary units. */
-gboolean vmem_parse_size(const char *s, guint64 *bytes);
+/*
+ * Sizes: "1073741824", "1G", "512MiB", "64m".  Binary units, at most
+ * VMEM_SIZE_MAX.  what names the value in the error ("--base").
+ */
+gboolean vmem_parse_size(const char *what, const char *s, guint64 *bytes,
+                         GError **errp);
+/* *sum += more, FALSE (and *sum unchanged) beyond VMEM_SIZE_MAX. */
+gboolean vmem_add_size(guint64 *sum, guint64 more);
 /* "1024.0 MiB" (static buffer per call site is not enough: returns g_strdup) */
 char *vmem_fmt_size(guint64 bytes);
+
+/* sd_notify(3): a message to the service manager, if there is one. */
+void vmem_notify(const char *fmt, ...) G_GNUC_PRINTF(1, 2);
+
+/* proc.c: a QEMU process seen from the host. */
+char *vmem_proc_instance(int pid);
+int vmem_proc_find_uuid(const char *uuid);
+char *vmem_proc_memory_cgroup(int pid);
+gboolean vmem_cgroup_holds(const char *dir, int pid, gboolean *found,
+                           GError **errp);
+char *vmem_kmsg_oom_kill(int pid);
+
+/* state.c: per-VM lock and base files. */
+typedef struct VmemState VmemState;
+VmemState *vmem_state_open(const char *dir, const char *key, const char *what,
+                           GError **errp);
+void vmem_state_close(VmemState *s);
+gboolean vmem_state_lock(VmemState *s, GError **errp);
+void vmem_state_unlock(VmemState *s);
+gboolean vmem_state_claim_follow(VmemState *s, GError **errp);
+guint64 vmem_state_get_base(VmemState *s, const char *instance);
+gboolean vmem_state_put_base(VmemState *s, const char *instance, guint64 base,
+                             GError **errp);
 
 #endif
