@@ -20,7 +20,30 @@ import time
 
 TOP = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))
 BUILD = os.path.join(TOP, 'build')
-GUEST = os.path.join(BUILD, 'guest')
+
+
+def guest_kit_dir(kernel=None):
+    """The guest kit: build/guest (the default kernel, 6.12), or for a
+    kernel release or series (6.1, 6.12, 7.3) build/guest/<release>
+    (scripts/build-guest --kernel SERIES)."""
+    base = os.path.join(BUILD, 'guest')
+    if not kernel:
+        return base
+    if os.path.isfile(os.path.join(base, kernel, 'vmlinuz')):
+        return os.path.join(base, kernel)
+    found = sorted(e for e in os.listdir(base)
+                   if e.startswith(kernel + '.') and
+                   os.path.isfile(os.path.join(base, e, 'vmlinuz'))) \
+        if os.path.isdir(base) else []
+    if len(found) != 1:
+        raise ValueError(f'no single guest kit for kernel {kernel} in '
+                         f'{base} ({found}): run "scripts/build-guest '
+                         f'--kernel SERIES"')
+    return os.path.join(base, found[0])
+
+
+# VMTEST_KERNEL=<release or series>: run the guests on that kernel's kit.
+GUEST = guest_kit_dir(os.environ.get('VMTEST_KERNEL'))
 # VMTEST_QEMU: another build of the fork (scripts/check-asan: the ASan one).
 QEMU = (os.environ.get('VMTEST_QEMU') or
         os.path.join(BUILD, 'qemu-system-x86_64'))
