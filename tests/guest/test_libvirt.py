@@ -9,6 +9,11 @@ must boot with ACPI and see the domain's NUMA node and CPUs; then
 at each settled step, libvirt's <current>, QEMU's size and vmemmap-size
 (query-memory-devices through virsh) and the guest's MemTotal must agree.
 
+The emulator is vmtest's QEMU (the fork in build/, or VMTEST_QEMU=PATH,
+which tests/packaging/test_host_package.py sets to the installed
+package's /usr/bin/qemu-system-x86_64-vmemmap); vmem-limit is
+build/vmem-limit, or VMTEST_VMEM_LIMIT=PATH.
+
 The daemon runs in a mount namespace of its own, with /etc/libvirt,
 /run/libvirt, /var/lib/libvirt, /var/log/libvirt and /var/cache/libvirt
 bound to a temporary directory and its socket outside them, so it shares
@@ -43,7 +48,8 @@ STEPS = (1 * GiB, 2 * GiB, 512 * MiB, 0)
 
 # The same through the host tool's libvirt mode.
 TOOL_STEPS = (1536 * MiB, 0)
-VMEM_LIMIT = os.path.join(TOP, 'build', 'vmem-limit')
+VMEM_LIMIT = (os.environ.get('VMTEST_VMEM_LIMIT') or
+              os.path.join(TOP, 'build', 'vmem-limit'))
 
 # Memory blocks are 128 MiB on x86-64 and each holds its own 2 MiB memmap.
 MEMMAP_RATIO = 64
@@ -324,6 +330,19 @@ class LibvirtGuest(Guest):
                           '--requested-size', f'{requested >> 10}KiB')
 
 
+def runs_emulator(daemon, g):
+    """The domain's <emulator> is QEMU as given (a link stays a link) and
+    the process libvirt started runs that binary."""
+    named = ET.fromstring(daemon.virsh('dumpxml', g.domain)).find(
+        'devices/emulator').text
+    check(named == QEMU, f'domain <emulator> {named}, want {QEMU}')
+    exes = {os.path.realpath(f'/proc/{pid}/exe')
+            for pid in daemon.qemu_pids()}
+    check(exes == {os.path.realpath(QEMU)},
+          f'QEMU processes run {sorted(exes)}, the domain names {QEMU}')
+    log(f'emulator {QEMU}: runs {exes.pop()}')
+
+
 def boots_with_acpi_numa_cpus(g):
     dom = doc_domain()
     cell = dom.find('cpu/numa/cell')
@@ -490,6 +509,8 @@ def main():
         log(f'libvirtd {daemon.virsh("version", "--daemon").split()[-1]} '
             f'at {daemon.uri}')
         with LibvirtGuest(daemon, 'libvirt') as g:
+            t.case(f'libvirt runs the emulator {QEMU}',
+                   lambda: runs_emulator(daemon, g))
             t.case('documented domain boots with ACPI, its NUMA node and '
                    'CPUs', lambda: boots_with_acpi_numa_cpus(g))
             t.case('qemu:override turns vmemmap-accounting on; the patched '
