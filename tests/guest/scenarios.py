@@ -154,7 +154,9 @@ def usable(arm, n=1 * GiB, mem='512M'):
 
 def guest_vmemmap_bytes(g):
     """What the patched driver says it placed as memmap (None if unknown)."""
-    st, out = g.run('cat /sys/module/virtio_mem/parameters/vmemmap_bytes '
+    st, out = g.run('cat /sys/bus/virtio/drivers/virtio_mem/virtio*/'
+                    'vmemmap_bytes 2>/dev/null || '
+                    'cat /sys/module/virtio_mem/parameters/vmemmap_bytes '
                     '2>/dev/null')
     return int(out) if st == 0 and out.strip().isdigit() else None
 

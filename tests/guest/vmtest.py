@@ -674,8 +674,9 @@ GUEST_VIEW = (
     'echo "features $(cat $v/features)"; '
     '[ -e $v/driver ] && echo "driver $(basename $(readlink $v/driver))"; '
     'done; '
-    'p=/sys/module/virtio_mem/parameters/vmemmap_bytes; '
-    '[ -r $p ] && echo "vmemmap_bytes $(cat $p)"; '
+    'for p in /sys/bus/virtio/drivers/virtio_mem/virtio*/vmemmap_bytes '
+    '/sys/module/virtio_mem/parameters/vmemmap_bytes; do '
+    '[ -r $p ] && echo "vmemmap_bytes $(cat $p)" && break; done; '
     'grep "System RAM (virtio_mem)" /proc/iomem | '
     'sed "s/^ *\\([0-9a-f]*\\)-\\([0-9a-f]*\\) .*/iomem \\1 \\2/"; true')
 
