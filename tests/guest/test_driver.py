@@ -27,21 +27,25 @@ QUIET = 3               # seconds without progress: the shrink got stuck
 
 
 def guest_vmemmap(g):
-    st, out = g.run('cat /sys/module/virtio_mem/parameters/vmemmap_bytes')
+    """The patched driver's own count of memmap bytes on the memory its
+    device added (the vmemmap_bytes attribute of the virtio device)."""
+    st, out = g.run('cat /sys/bus/virtio/drivers/virtio_mem/virtio*/'
+                    'vmemmap_bytes')
     check(st == 0, f'guest driver exposes no vmemmap_bytes: {out.strip()}')
     return int(out)
 
 
-def accounting_errors(g, base_total, size, memmap=VMEMMAP, reported=VMEMMAP):
+def accounting_errors(g, base_total, size, memmap=VMEMMAP, reported=VMEMMAP,
+                      mb=MB):
     """What is wrong with the device at `size` plugged, as a list of
     sentences; empty when the accounting is exact.  The driver places
-    `memmap` bytes of memmap on each memory block it added, and the device
-    hears of `reported` bytes per block."""
+    `memmap` bytes of memmap on each memory block (of `mb` bytes) it
+    added, and the device hears of `reported` bytes per block."""
     errs = []
     cur = g.qom_get('size')
     if cur != size:
         errs.append(f'size {cur >> 20} MiB != {size >> 20} MiB')
-    blocks = -(-size // MB)
+    blocks = -(-size // mb)
     vmm = g.vmemmap_size()
     if vmm != blocks * reported:
         errs.append(f'vmemmap-size {vmm / MiB} MiB != {blocks} blocks x '
@@ -57,17 +61,18 @@ def accounting_errors(g, base_total, size, memmap=VMEMMAP, reported=VMEMMAP):
 
 
 def expect_state(g, base_total, requested, size=None, timeout=60,
-                 memmap=VMEMMAP, reported=VMEMMAP):
+                 memmap=VMEMMAP, reported=VMEMMAP, mb=MB):
     """Assert the state for a device at `size` (default: requested)
-    plugged once the guest is at rest (see accounting_errors for memmap
-    and reported).  The guest onlines and offlines after the device
+    plugged once the guest is at rest (see accounting_errors for memmap,
+    reported and mb).  The guest onlines and offlines after the device
     answers, so the state is polled with a deadline: a mismatch that lasts
     `timeout` seconds fails with the last one seen."""
     size = requested if size is None else size
     last = [None]
 
     def exact():
-        last[0] = accounting_errors(g, base_total, size, memmap, reported)
+        last[0] = accounting_errors(g, base_total, size, memmap, reported,
+                                    mb)
         return not last[0]
     try:
         poll(exact, timeout, 'exact accounting', interval=0.2)
@@ -149,6 +154,11 @@ def test_enospc_never_overshoots():
         g.wait_guest_at_rest()
         expect_state(g, base, 258 * MiB, size=256 * MiB)
         check(g.qom_get('size') <= 258 * MiB, 'plugged beyond requested-size')
+        # Not silently: said once, however often the driver runs again.
+        g.qom_set('requested-size', 258 * MiB)
+        g.wait_guest_at_rest()
+        said_once(g, PLUG_SHORT.format(short=2 * MiB, memmap=VMEMMAP,
+                                       sb=2 * MiB))
         g.resize(0)
         expect_state(g, base, 0)
 
@@ -239,6 +249,11 @@ def plug_unplug(g, memmap, reported):
         expect_state(g, base, size, memmap=memmap, reported=reported)
 
 
+PLUG_SHORT = ('memmap_on_memory: not plugging the last {short:#x} bytes, a '
+              'memory block needs {memmap:#x} bytes of memmap and {sb:#x} '
+              'bytes of memory at least')
+
+
 def said_once(g, line):
     n = g.console().count(line)
     check(n == 1, f'guest log says "{line}" {n} times, not once')
@@ -322,6 +337,12 @@ def test_mm_placement():
             g.resize(1 * GiB)
             expect_state(g, base, 1 * GiB)
             said_once(g, line)
+            # One line at probe, the statistic in sysfs only.
+            said_once(g, f'memmap_on_memory: {VMEMMAP:#x} bytes per '
+                      'memory block')
+            st, _ = g.run('test -e /sys/module/virtio_mem/parameters/'
+                          'vmemmap_bytes')
+            check(st != 0, 'vmemmap_bytes is still a module parameter')
             mm = zone_memmap(g)
             log(f'{mode}: mm reports {mm >> 20} MiB of memmap in '
                 f'ZONE_MOVABLE, device {g.vmemmap_size() >> 20} MiB, '
@@ -454,6 +475,267 @@ def test_capacity():
     check(stock['size'] < proj['size'],
           'stock reached the same capacity: the test cannot tell them apart')
 
+# -- faults the review found the driver unprepared for (D1-D7) --
+
+def fault(g, **params):
+    """Load the test kit's vmemmap_fault module (after virtio_mem, whose
+    notifier it probes) or, once loaded, set its parameters."""
+    if g.run('test -d /sys/module/vmemmap_fault')[0]:
+        args = ' '.join(f'{k}={v}' for k, v in params.items())
+        g.run(f'insmod /lib/vmtest/vmemmap_fault.ko {args}', check=True)
+        return
+    for k, v in params.items():
+        g.run(f'echo {v} > /sys/module/vmemmap_fault/parameters/{k}',
+              check=True)
+
+
+def fault_count(g, name):
+    return int(g.run(f'cat /sys/module/vmemmap_fault/parameters/{name}',
+                     check=True)[1])
+
+
+def memory_blocks(g, state=None):
+    """Indices of the memory blocks the virtio-mem driver added (its
+    "System RAM (virtio_mem)" ranges), optionally only those in `state`."""
+    bs = int(g.run('cat /sys/devices/system/memory/block_size_bytes',
+                   check=True)[1], 16)
+    out = g.run('grep "System RAM (virtio_mem)" /proc/iomem; true',
+                check=True)[1]
+    blocks = []
+    for line in out.split('\n'):
+        m = re.match(r'\s*([0-9a-f]+)-([0-9a-f]+) :', line)
+        if m:
+            blocks += range(int(m.group(1), 16) // bs,
+                            (int(m.group(2), 16) + 1) // bs)
+    if state is not None:
+        blocks = [i for i in blocks if g.run(
+            f'cat /sys/devices/system/memory/memory{i}/state',
+            check=True)[1].strip() == state]
+    return sorted(blocks)
+
+
+def set_block(g, idx, state):
+    """Write `state` to memory block `idx`; the write's exit status."""
+    return g.run(f'echo {state} > /sys/devices/system/memory/memory{idx}/'
+                 'state')[0]
+
+
+MISPLACED_OFF = ('memmap_on_memory: off (mm placed {placed:#x} bytes of '
+                 'memmap on a memory block, expected {want:#x})')
+
+
+def test_misplaced_at_add():
+    # D1: mm onlines memory while the driver adds it (auto-online).  The
+    # test kit makes the onlined range start one page further into each
+    # block, as if mm had placed one page more memmap than the driver
+    # computed: the driver must see it in MEM_GOING_ONLINE, refuse the
+    # block, remove and unplug it, and go on without memmap_on_memory.
+    with guest_for('project', 'drv-misplaced-add', '512M', '2G') as g:
+        base = g.mem_total()
+        fault(g, skew_pages=1)
+        g.resize(512 * MiB)
+        expect_state(g, base, 512 * MiB, memmap=0, reported=0)
+        said_once(g, MISPLACED_OFF.format(placed=VMEMMAP + 4096,
+                                          want=VMEMMAP))
+        n = fault_count(g, 'skewed')
+        check(n == 1, f'{n} onlines skewed, expected the first only')
+        check(not memory_blocks(g, 'offline'),
+              f'blocks left offline: {memory_blocks(g, "offline")}')
+        g.resize(0)
+        expect_state(g, base, 0, memmap=0, reported=0)
+        log('mm placed one page more: block refused, removed, 512 MiB '
+            'plugged without memmap_on_memory, accounting exact')
+
+
+def test_misplaced_user_online():
+    # D2: onlining left to user space (memhp_default_state=offline).  The
+    # driver adds four blocks with their memmap; user space onlines one,
+    # mm placed a different amount: the driver must refuse it and then
+    # remove every block not onlined with the memmap it computed (none
+    # may stay added, never onlinable, counting against the offline
+    # threshold), plug again without memmap_on_memory, and those blocks
+    # online fine.
+    with guest_for('project', 'drv-misplaced-user', '512M', '2G',
+                   online='offline') as g:
+        base = g.mem_total()
+        g.resize(512 * MiB)
+        first = memory_blocks(g, 'offline')
+        check(len(first) == 4, f'offline blocks after plugging: {first}')
+        check(guest_vmemmap(g) == 4 * VMEMMAP,
+              f'driver counts {guest_vmemmap(g)} bytes of memmap')
+        fault(g, skew_pages=1)
+        check(set_block(g, first[0], 'online_movable') != 0,
+              f'memory block {first[0]} onlined with a misplaced memmap')
+        poll(lambda: guest_vmemmap(g) == 0 and
+             g.qom_get('size') == 512 * MiB and
+             len(memory_blocks(g, 'offline')) == 4, 60,
+             'the blocks re-added without memmap_on_memory')
+        said_once(g, MISPLACED_OFF.format(placed=VMEMMAP + 4096,
+                                          want=VMEMMAP))
+        check('refusing to online it' in g.console(),
+              'no warning about the refused block')
+        for idx in memory_blocks(g, 'offline'):
+            check(set_block(g, idx, 'online_movable') == 0,
+                  f'memory block {idx} refused after the fallback')
+        expect_state(g, base, 512 * MiB, memmap=0, reported=0)
+        g.resize(0)
+        expect_state(g, base, 0, memmap=0, reported=0)
+        log(f'user space onlined block {first[0]} with a misplaced memmap: '
+            'refused, all 4 blocks replaced by blocks without memmap, '
+            'onlined, accounting exact')
+
+
+def test_unplug_order():
+    # D4: block X (memmap + 1 usable subblock) and block Y (memmap + 3),
+    # Y visited first (same state, higher id); shrink by 3 subblocks.
+    # Greedy in visit order takes 2 from Y and then cannot take the last
+    # one anywhere (X's would unplug its memmap too): -ENOSPC for ever.
+    # Unplugging X completely (2) and 1 from Y meets the request.  The
+    # state is built with blocks left offline: Y held online while X is
+    # shrunk (unplug_online=0 keeps the driver off online memory).
+    with guest_for('project', 'drv-unplug-order', '512M', '2G',
+                   online='offline') as g:
+        g.resize(136 * MiB)
+        x, y = memory_blocks(g, 'offline')
+        check(set_block(g, y, 'online_movable') == 0, 'cannot online Y')
+        g.run('echo 0 > /sys/module/virtio_mem/parameters/unplug_online',
+              check=True)
+        g.resize(12 * MiB)
+        check(set_block(g, y, 'offline') == 0, 'cannot offline Y')
+        g.run('echo 1 > /sys/module/virtio_mem/parameters/unplug_online',
+              check=True)
+        check(g.qom_get('size') == 12 * MiB and
+              memory_blocks(g, 'offline') == [x, y],
+              f'setup: size {g.qom_get("size") >> 20} MiB, offline blocks '
+              f'{memory_blocks(g, "offline")}')
+        g.qom_set('requested-size', 6 * MiB)
+        poll(lambda: g.qom_get('size') == 6 * MiB, 60,
+             'size == 6 MiB (X unplugged, 1 subblock of Y)')
+        g.wait_guest_at_rest()
+        check(memory_blocks(g) == [y], f'blocks left: {memory_blocks(g)}')
+        check(g.vmemmap_size() == VMEMMAP and guest_vmemmap(g) == VMEMMAP,
+              f'vmemmap-size {g.vmemmap_size()}, driver '
+              f'{guest_vmemmap(g)}: Y\'s memmap only')
+        check('not unplugging the last' not in g.console(),
+              'the driver stopped short')
+        g.resize(0)
+        check(g.vmemmap_size() == 0 and guest_vmemmap(g) == 0,
+              'memmap left after unplugging all')
+        log('X = memmap + 1, Y = memmap + 3 visited first, shrink by 3: '
+            'X removed, 1 from Y, 6 MiB reached')
+
+
+def test_enospc_retries_removal():
+    # D5: a block whose removal failed is retried on the timer also when
+    # the request stopped short (-ENOSPC).  132 MiB = block 0 full +
+    # block 1 with memmap and one subblock; shrink to 2 MiB: block 1 goes
+    # (its removal fails while the test kit says so), block 0 keeps its
+    # memmap and one subblock (4 MiB, short of 2 MiB by design).
+    with guest_for('project', 'drv-enospc-retry', '512M', '2G') as g:
+        base = g.mem_total()
+        g.resize(132 * MiB)
+        expect_state(g, base, 132 * MiB)
+        fault(g, fail_remove=-1)
+        g.qom_set('requested-size', 2 * MiB)
+        poll(lambda: g.qom_get('size') == 6 * MiB and
+             'not unplugging the last' in g.console(), 60,
+             'size == 6 MiB, stopped short, block 1 not removed')
+        check(fault_count(g, 'failed_removes') >= 1, 'no removal failed')
+        fault(g, fail_remove=0)
+        t0 = time.monotonic()
+        # The retry timer starts at 50 s.
+        poll(lambda: g.qom_get('size') == 4 * MiB, 150,
+             'the retry timer to remove block 1 and unplug its memmap')
+        log(f'removal retried after {time.monotonic() - t0:.0f} s with '
+            'the request stopped short: 6 -> 4 MiB')
+        expect_state(g, base, 2 * MiB, size=4 * MiB)
+        g.resize(0)
+        expect_state(g, base, 0)
+
+
+def test_reports_while_unplug_busy():
+    # D6: memory onlined while the device answers BUSY (a migration) has
+    # its memmap reported later; that must not wait for an unplug that
+    # keeps failing with -EBUSY (the test kit makes every
+    # alloc_contig_range() fail, as pinned ZONE_NORMAL memory would).
+    trace = TraceLog(BUSY_EVENTS)
+    try:
+        with guest_for('project', 'drv-busy-unplug', '512M', '4G',
+                       online='offline', extra_args=trace.args()) as g:
+            base = g.mem_total()
+            g.resize(512 * MiB)
+            fault(g, fail_contig=-1)
+            seen = {}
+            online = ('for f in /sys/devices/system/memory/memory*/state; '
+                      'do grep -q offline $f && echo online_movable > $f; '
+                      'done; true')
+            caught = migrating(g, trace, 'virtio_mem_vmemmap_request', seen,
+                               during=lambda: g.run(online, check=True))
+            check(caught, f'no BUSY answer to a report: {seen}')
+            before = g.vmemmap_size()
+            g.qom_set('requested-size', 256 * MiB)
+            t0 = time.monotonic()
+            poll(lambda: g.vmemmap_size() == 4 * VMEMMAP, 30,
+                 'the pending reports while unplugging is busy')
+            log(f'vmemmap-size {before >> 20} -> {g.vmemmap_size() >> 20} '
+                f'MiB in {time.monotonic() - t0:.1f} s while unplug is '
+                f'busy ({fault_count(g, "failed_contigs")} '
+                'alloc_contig_range failures); BUSY answers {seen}')
+            check(g.qom_get('size') == 512 * MiB, 'unplugged busy memory')
+            fault(g, fail_contig=0)
+            expect_state(g, base, 256 * MiB, timeout=180)
+            g.resize(0)
+            expect_state(g, base, 0)
+    finally:
+        trace.remove()
+
+
+BIG_MB = 2 * GiB                 # memory block with >= 64 GiB of boot RAM
+BIG_VMEMMAP = 32 * MiB           # its memmap
+
+
+def test_big_blocks():
+    # D7: 2 GiB memory blocks hold 32 MiB of memmap each.  x86 picks them
+    # when boot RAM ends at 64 GiB or above; the guest gets 64 GiB of
+    # boot RAM of which the kernel command line reserves 61 GiB
+    # (memmap=61G$4G), so it has 3 GiB usable and never touches the
+    # rest, while the block size stays 2 GiB.  A block needs its 32 MiB
+    # of memmap plus one 2 MiB subblock: 20 MiB is not reachable from 0,
+    # and from 3 GiB the least reachable above 20 MiB is 34 MiB.
+    with guest_for('project', 'drv-big-blocks', '64G', '8G',
+                   maxmem='96G', append='memmap=61G$4G') as g:
+        bs = int(g.run('cat /sys/devices/system/memory/block_size_bytes',
+                       check=True)[1], 16)
+        check(bs == BIG_MB, f'memory block size {bs:#x}, not 2 GiB')
+        base = g.mem_total()
+        said_once(g, f'memmap_on_memory: {BIG_VMEMMAP:#x} bytes per '
+                  'memory block')
+        kw = {'memmap': BIG_VMEMMAP, 'reported': BIG_VMEMMAP, 'mb': BIG_MB}
+        g.qom_set('requested-size', 20 * MiB)
+        line = PLUG_SHORT.format(short=20 * MiB, memmap=BIG_VMEMMAP,
+                                 sb=2 * MiB)
+        poll(lambda: line in g.console(), 60, 'the driver to say why not')
+        g.wait_guest_at_rest()
+        expect_state(g, base, 20 * MiB, size=0, **kw)
+        said_once(g, line)
+        for size in (1 * GiB, 3 * GiB):
+            g.resize(size)
+            expect_state(g, base, size, **kw)
+            log(f'2 GiB blocks: {size >> 20} MiB plugged, vmemmap '
+                f'{g.vmemmap_size() >> 20} MiB, MemTotal gain '
+                f'{(g.mem_total() - base) >> 20} MiB')
+        g.qom_set('requested-size', 20 * MiB)
+        poll(lambda: g.qom_get('size') == 34 * MiB, 120,
+             'size == 34 MiB (memmap + one subblock)')
+        g.wait_guest_at_rest()
+        expect_state(g, base, 20 * MiB, size=34 * MiB, **kw)
+        said_once(g, 'memmap_on_memory: not unplugging the last 0xe00000 '
+                  'bytes, that would unplug more than requested')
+        g.resize(0)
+        expect_state(g, base, 0, **kw)
+        log('2 GiB blocks: 20 MiB unreachable (said once), 1 and 3 GiB '
+            'exact, 3 GiB -> 20 MiB stops at 34 MiB, then 0')
+
 
 def main():
     check(device_has('vmemmap-accounting'), 'fork lacks vmemmap-accounting')
@@ -478,6 +760,18 @@ def main():
            test_mm_placement)
     t.case('BUSY during migration: plugged memory gets reported later',
            test_busy_retry)
+    t.case('D1: memmap misplaced by mm while adding: refused, removed, '
+           'memmap_on_memory off', test_misplaced_at_add)
+    t.case('D2: memmap misplaced, onlined by user space: no block left '
+           'behind, plugging goes on', test_misplaced_user_online)
+    t.case('D4: unplug whole blocks first, smallest first',
+           test_unplug_order)
+    t.case('D5: failed removal retried when the request stopped short',
+           test_enospc_retries_removal)
+    t.case('D6: reports go out while unplugging is busy',
+           test_reports_while_unplug_busy)
+    t.case('D7: 2 GiB memory blocks, 32 MiB of memmap each',
+           test_big_blocks)
     t.case('128 MiB guest plugs 16 GiB (stock measured beside it)',
            test_capacity)
     t.done()
