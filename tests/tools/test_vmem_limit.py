@@ -21,8 +21,12 @@ directory holding v2's files.
 """
 
 import contextlib
+import fcntl
+import hashlib
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -36,15 +40,19 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
 from vmtest import (BUILD, MiB, GiB, Guest, HarnessError, Tests,  # noqa: E402
                     check, log, poll, require_kit)
 
-TOOL = os.path.join(BUILD, 'vmem-limit')
+# VMEM_LIMIT_TOOL: another build (test_vmem_limit_oom.py runs the
+# previous tool through the same scenarios).
+TOOL = os.environ.get('VMEM_LIMIT_TOOL') or os.path.join(BUILD, 'vmem-limit')
 MARGIN = 64 * MiB       # the tool's default
+DEV_MAX = 2 * GiB
 DEVICE = {'size': '2G', 'block_size': '2M', 'requested': 0,
           'vmemmap_accounting': True}
 # What the guest touches after growing: most of the 1 GiB it gets.
 GROW = 1 * GiB
 TOUCH_MIB = 900
 
-EXIT = {'usage': 1, 'permission': 2, 'cgroup': 3, 'lost': 4}
+EXIT = {'usage': 1, 'permission': 2, 'cgroup': 3, 'lost': 4, 'refused': 5,
+        'timeout': 6, 'below': 7, 'oom': 8}
 
 
 def page_up(n):
@@ -52,16 +60,24 @@ def page_up(n):
 
 
 class Vm:
-    """A guest with a second QMP monitor for the tool, and its cgroup."""
+    """A guest with QMP monitors of its own for the tool (`monitors` of
+    them: sock, then socks[1:]), and its cgroup.  The tool keeps its lock
+    and base files in the Vm's directory ($RUNTIME_DIRECTORY)."""
 
-    def __init__(self, name):
+    def __init__(self, name, device=None, qemu=None, monitors=1,
+                 memmap_on_memory=True):
         self.dir = tempfile.mkdtemp(prefix='vmem-limit-')
-        self.sock = os.path.join(self.dir, 'qmp.sock')
-        self.g = Guest(name, mem='512M', device=dict(DEVICE),
-                       memmap_on_memory=True,
-                       extra_args=['-chardev', 'socket,id=vmlimit,path='
-                                   f'{self.sock},server=on,wait=off',
-                                   '-mon', 'chardev=vmlimit,mode=control'])
+        self.socks = [os.path.join(self.dir, f'qmp{i}.sock')
+                      for i in range(monitors)]
+        self.sock = self.socks[0]
+        extra = []
+        for i, sock in enumerate(self.socks):
+            extra += ['-chardev', f'socket,id=vmlimit{i},path={sock},'
+                      'server=on,wait=off',
+                      '-mon', f'chardev=vmlimit{i},mode=control']
+        self.g = Guest(name, mem='512M', device=dict(device or DEVICE),
+                       memmap_on_memory=memmap_on_memory, extra_args=extra,
+                       **({'qemu': qemu} if qemu else {}))
 
     def __enter__(self):
         self.g.__enter__()
@@ -69,10 +85,32 @@ class Vm:
 
     def __exit__(self, *exc):
         self.g.__exit__(*exc)
-        with contextlib.suppress(OSError):
-            os.unlink(self.sock)
-        with contextlib.suppress(OSError):
-            os.rmdir(self.dir)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def env(self):
+        return {**os.environ, 'RUNTIME_DIRECTORY': self.dir}
+
+    def lock_path(self, cgroup=None):
+        """The tool's per-VM lock file for this cgroup."""
+        key = hashlib.sha256(os.path.realpath(cgroup or self.cg.path)
+                             .encode()).hexdigest()[:16]
+        return os.path.join(self.dir, f'cgroup-{key}.lock')
+
+    def popen(self, *args, **kw):
+        """The tool in the background; its stdout and stderr lines gather
+        in .out and .err (see finish())."""
+        p = subprocess.Popen(self.tool_args(*args, **kw), env=self.env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+        p.out, p.err = [], []
+        p.readers = [threading.Thread(target=lambda: p.out.extend(p.stdout),
+                                      daemon=True),
+                     threading.Thread(target=lambda: p.err.extend(p.stderr),
+                                      daemon=True)]
+        for t in p.readers:
+            t.start()
+        return p
+
 
     @property
     def cg(self):
@@ -112,7 +150,8 @@ class Vm:
 
     def tool(self, *args, expect=0, wrap=(), **kw):
         p = subprocess.run([*wrap, *self.tool_args(*args, **kw)],
-                           capture_output=True, text=True, timeout=600)
+                           capture_output=True, text=True, timeout=600,
+                           env=self.env())
         for line in p.stdout.splitlines():
             log(f'  | {line}')
         for line in p.stderr.splitlines():
@@ -124,6 +163,14 @@ class Vm:
 
     def show(self, *args):
         return json.loads(self.tool('show', '--json', *args).stdout)
+
+
+def finish(p, timeout):
+    """Wait for a popen'ed tool to exit and for all its output."""
+    rc = p.wait(timeout=timeout)
+    for t in p.readers:
+        t.join(timeout)
+    return rc
 
 
 class Sampler:
@@ -162,8 +209,13 @@ class Sampler:
         self.thread.join()
 
 
+def headroom(size):
+    """The memmap of growing the device from size to its max-size."""
+    return page_up((DEV_MAX - size) // 64)
+
+
 def want(base, size):
-    return page_up(base + size + MARGIN)
+    return page_up(base + size + headroom(size) + MARGIN)
 
 
 def lines_index(out, *needles):
@@ -220,6 +272,7 @@ def hold_through_grow_touch_shrink(vm, base):
     limit0 = vm.limit()
     vm.tool('--base', str(base), 'resize', 'vm0', str(GROW))
     vm.g.wait_guest_at_rest()
+    before = vm.g.charge()
     touch(vm)
     charge = vm.g.charge()
     vm.tool('--base', str(base), 'resize', 'vm0', '0')
@@ -229,16 +282,26 @@ def hold_through_grow_touch_shrink(vm, base):
         f'peak {(vm.peak() or 0) >> 20} MiB, oom kills {vm.oom_kills()}')
     check(vm.g.vm.is_running(), 'QEMU died under the tool')
     check(vm.oom_kills() == 0, f'{vm.oom_kills()} OOM kill(s) in the cgroup')
-    check(charge > base + TOUCH_MIB * MiB - 64 * MiB,
-          f'charge {charge} after touching {TOUCH_MIB} MiB: the guest did '
-          'not touch its memory, the test proves nothing')
+    check(charge - before > TOUCH_MIB * MiB - 64 * MiB,
+          f'charge {before} -> {charge} touching {TOUCH_MIB} MiB: the guest '
+          'did not touch its memory, the test proves nothing')
     check(vm.limit() == want(base, 0), f'limit {vm.limit()} != '
           f'{want(base, 0)} after shrinking back to 0')
     return charge
 
 
+def hold_lock(vm):
+    """Take the VM's lock as another instance would; close() releases."""
+    fd = os.open(vm.lock_path(), os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.write(fd, f'{os.getpid()}\n'.encode())
+    return fd
+
+
 def oom_when_raised_after():
-    """The wrong order on a fresh guest: grow, touch, then raise."""
+    """The wrong order on a fresh guest: grow, touch, then raise.  A
+    follow kept from raising (the test holds the VM's lock) reports the
+    OOM kill as such: exit 8, the counter that rose, the limit."""
     with Vm('vmem-limit-oom') as vm:
         base = vm.show()['base']
         # On a host with swap the cgroup would swap instead: keep it out.
@@ -249,18 +312,32 @@ def oom_when_raised_after():
             f.write('0\n')
         vm.tool('--base', str(base), 'follow', '--once')
         limit = vm.limit()
-        vm.g.resize(GROW)
-        log(f'wrong order: limit {limit >> 20} MiB (base {base >> 20} + 0 + '
-            f'margin {MARGIN >> 20}), size now {vm.g.qom_get("size") >> 20}'
-            ' MiB, touching before raising')
-        with contextlib.suppress(HarnessError, OSError):
-            touch(vm)
-        poll(lambda: not vm.g.vm.is_running(), 30, 'QEMU to be killed')
+        fd = hold_lock(vm)
+        try:
+            f = vm.popen('--base', str(base), 'follow')
+            poll(lambda: any('waiting for another' in l for l in f.err), 30,
+                 'follow to wait for the lock')
+            vm.g.resize(GROW)
+            log(f'wrong order: limit {limit >> 20} MiB (base {base >> 20} + '
+                f'0 + headroom {headroom(0) >> 20} + margin {MARGIN >> 20}'
+                f'), size now {vm.g.qom_get("size") >> 20} MiB, touching '
+                'before raising')
+            with contextlib.suppress(HarnessError, OSError):
+                touch(vm)
+            poll(lambda: not vm.g.vm.is_running(), 30, 'QEMU to be killed')
+        finally:
+            os.close(fd)
+        rc = finish(f, 60)
+        err = ''.join(f.err)
         kills = vm.oom_kills()
         log(f'wrong order: QEMU gone (exit {vm.g.vm.exitcode()}), oom kills '
             f'{kills}, peak {(vm.peak() or 0) >> 20} MiB under limit '
             f'{limit >> 20} MiB')
+        log(f'follow: exit {rc}: {err.strip()}')
         check(kills >= 1, 'QEMU exited without an OOM kill')
+        check(rc == EXIT['oom'], f'follow exited {rc}, not {EXIT["oom"]}')
+        check('OOM-killed' in err and 'oom_kill in' in err and
+              vm.cg.path in err, f'follow said: {err}')
 
 
 # --- 3 ------------------------------------------------------------------
@@ -317,18 +394,155 @@ def error_paths(vm, base):
     unchanged('dry run')
 
 
+# --- one VM, one instance at a time, sizes, QMP only ---------------------
+
+def sizes_checked(vm):
+    """Sizes that overflow, or add up past 4 PiB, and a margin below its
+    floor: exit 1 with a sentence, the limit unchanged."""
+    limit = vm.limit()
+    for args, words in (
+            (('resize', 'vm0', '99999999999999999999'), 'more than 4 PiB'),
+            (('--base', '16777215T', 'show'), 'more than 4 PiB'),
+            (('--base', '4096T', 'follow', '--once'), 'add up to more'),
+            (('--margin', '0', 'follow', '--once'), 'floor of 32 MiB'),
+            (('--margin', '31M', 'follow', '--once'), 'floor of 32 MiB')):
+        p = vm.tool(*args, expect=EXIT['usage'])
+        check(words in p.stderr, f'{args}: {p.stderr}')
+    check(vm.limit() == limit, f'limit {vm.limit()} != {limit}')
+
+
+def socket_of_another_vm(vm):
+    """The QEMU behind the socket must be in the cgroup: a typo in
+    --cgroup is refused, naming QEMU's pid and both cgroups."""
+    other = vm.cg.path + '-other'
+    os.makedirs(other)
+    try:
+        limit = vm.limit()
+        p = vm.tool('follow', '--once', cgroup=other, expect=EXIT['usage'])
+        pid = vm.g.vm.get_pid()
+        check(f'pid {pid}' in p.stderr and other in p.stderr and
+              vm.cg.path in p.stderr and 'not the same VM' in p.stderr,
+              f'message: {p.stderr}')
+        with open(os.path.join(other, vm.limit_file())) as f:
+            v = f.read().strip()
+        check(v == 'max' or int(v) >= 1 << 62,
+              f'the other cgroup got a limit: {v}')
+        check(vm.limit() == limit, f'limit {vm.limit()} != {limit}')
+    finally:
+        os.rmdir(other)
+
+
+class FakeMonitor:
+    """A unix socket that is not QMP: it sends `greeting` (None: nothing)
+    to whoever connects and keeps what it receives in .got."""
+
+    def __init__(self, path, greeting):
+        self.path, self.greeting = path, greeting
+        self.got = b''
+        self.srv = socket.socket(socket.AF_UNIX)
+        self.srv.bind(path)
+        self.srv.listen(1)
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+
+    def serve(self):
+        conn, _ = self.srv.accept()
+        with conn:
+            if self.greeting:
+                conn.sendall(self.greeting)
+            while True:
+                data = conn.recv(4096)
+                if not data:
+                    return
+                self.got += data
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.thread.join(30)
+        self.srv.close()
+        os.unlink(self.path)
+
+
+def qmp_socket_errors(vm):
+    """Each wrong --qmp gets its own sentence and exit code, and nothing
+    is written into a socket before it has greeted as QMP."""
+    limit = vm.limit()
+    path = os.path.join(vm.dir, 'regular-file')
+    open(path, 'w').close()
+    p = vm.tool('show', sock=path, expect=EXIT['usage'])
+    check(f'{path} is not a socket' in p.stderr, p.stderr)
+
+    path = os.path.join(vm.dir, 'stale.sock')
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(path)
+    s.close()
+    p = vm.tool('show', sock=path, expect=EXIT['lost'])
+    check(f'nobody listens on QMP socket {path}' in p.stderr, p.stderr)
+
+    path = os.path.join(vm.dir, 'console.sock')
+    with FakeMonitor(path, b'\r\nDebian GNU/Linux 12 vm1 ttyS0\r\n\r\n'
+                     b'vm1 login: ') as m:
+        p = vm.tool('show', sock=path, expect=EXIT['usage'])
+    check('is not a QMP socket' in p.stderr and 'login' in p.stderr,
+          p.stderr)
+    check(m.got == b'', f'the tool wrote {m.got!r} into a console')
+
+    with FakeMonitor(path, None) as m:
+        t0 = time.monotonic()
+        p = vm.tool('show', sock=path, expect=EXIT['lost'])
+    log(f'silent socket: exit after {time.monotonic() - t0:.1f} s')
+    check('sent no QMP greeting' in p.stderr, p.stderr)
+    check(m.got == b'', f'the tool wrote {m.got!r} into a silent socket')
+    check(vm.limit() == limit, f'limit {vm.limit()} != {limit}')
+
+
+def instances_take_turns(vm, base):
+    """A resize waits while another instance holds the VM's lock (here the
+    test): neither the limit nor requested-size moves until it is
+    released.  And a second follow on the same VM is refused."""
+    limit, req0 = vm.limit(), vm.g.qom_get('requested-size')
+    fd = hold_lock(vm)
+    try:
+        p = vm.popen('--base', str(base), 'resize', 'vm0', '256M',
+                     sock=vm.socks[1])
+        poll(lambda: any('waiting for another vmem-limit' in l and
+                         f'pid {os.getpid()}' in l for l in p.err), 30,
+             'resize to wait for the lock')
+        check(vm.limit() == limit and
+              vm.g.qom_get('requested-size') == req0,
+              'resize went ahead while the lock was held')
+    finally:
+        os.close(fd)
+    rc = finish(p, 300)
+    check(rc == 0, f'resize after the lock: exit {rc}: {"".join(p.err)}')
+    check(vm.limit() == want(base, 256 * MiB),
+          f'limit {vm.limit()} != {want(base, 256 * MiB)}')
+
+    a = vm.popen('--base', str(base), 'follow')
+    try:
+        poll(lambda: any('following' in l for l in a.out), 30,
+             'the first follow to start')
+        p = vm.tool('--base', str(base), 'follow', sock=vm.socks[1],
+                    expect=EXIT['usage'])
+        check('already follows' in p.stderr and f'pid {a.pid}' in p.stderr,
+              p.stderr)
+    finally:
+        a.terminate()
+        finish(a, 10)
+    vm.tool('--base', str(base), 'resize', 'vm0', '0')
+    vm.g.wait_guest_at_rest()
+
+
 def lost_in_follow(vm, base):
-    p = subprocess.Popen(vm.tool_args('--base', str(base), 'follow'),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
-    out = []
-    t = threading.Thread(target=lambda: out.extend(p.stdout), daemon=True)
-    t.start()
+    p = vm.popen('--base', str(base), 'follow')
+    out = p.out
     poll(lambda: any('following' in l for l in out), 30, 'follow to start')
     limit = vm.limit()
     vm.g.vm.shutdown(hard=True)
-    rc = p.wait(timeout=30)
-    err = p.stderr.read()
+    rc = finish(p, 30)
+    err = ''.join(p.err)
     log(f'follow after QEMU died: exit {rc}: {err.strip()}')
     check(rc == EXIT['lost'], f'follow exited {rc}, expected {EXIT["lost"]}')
     check(vm.sock in err and 'stays' in err, f'message: {err}')
@@ -359,16 +573,18 @@ def cgroup_v2_files(vm, base):
         put('memory.max', 'max')
         put('memory.high', 'max')
         for req in (256 * MiB, 0):
-            vm.tool('--base', str(base), 'resize', 'vm0', str(req), cgroup=d)
+            vm.tool('--base', str(base), '--no-pid-check', 'resize', 'vm0',
+                    str(req), cgroup=d)
             check(get('memory.max') == get('memory.high') ==
                   str(want(base, req)),
                   f'v2 after resize to {req}: memory.max {get("memory.max")}'
                   f', memory.high {get("memory.high")}, want '
                   f'{want(base, req)}')
             vm.g.wait_guest_at_rest()
-        put('memory.current', want(base, 0) + 32 * MiB)
-        p = vm.tool('--base', str(base), '--margin', '0', 'follow', '--once',
-                    cgroup=d, expect=7)
+        # margin 32M wants 32 MiB less than the default: below the charge
+        put('memory.current', want(base, 0) + 16 * MiB)
+        p = vm.tool('--base', str(base), '--margin', '32M', '--no-pid-check',
+                    'follow', '--once', cgroup=d, expect=7)
         check(get('memory.max') == get('memory.high') == str(want(base, 0)),
               'v2: limit changed by a refused lowering')
         check('not lowering' in p.stderr and 'memory.current' in p.stderr,
@@ -383,13 +599,8 @@ def cgroup_v2_files(vm, base):
 # --- 4 ------------------------------------------------------------------
 
 def follow_others(vm, base):
-    p = subprocess.Popen(vm.tool_args('--base', str(base), '--interval', '0',
-                                      'follow'),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
-    out = []
-    t = threading.Thread(target=lambda: out.extend(p.stdout), daemon=True)
-    t.start()
+    p = vm.popen('--base', str(base), '--interval', '0', 'follow')
+    out = p.out
     try:
         poll(lambda: any('following' in l for l in out), 30,
              'follow to start')
@@ -422,11 +633,8 @@ def follow_others(vm, base):
 
 def follow_undoes_hand_change(vm, base):
     """With its 1 s re-read, follow sets a limit changed by hand back."""
-    p = subprocess.Popen(vm.tool_args('--base', str(base), 'follow'),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
-    out = []
-    threading.Thread(target=lambda: out.extend(p.stdout), daemon=True).start()
+    p = vm.popen('--base', str(base), 'follow')
+    out = p.out
     try:
         poll(lambda: any('following' in l for l in out), 30,
              'follow to start')
@@ -447,7 +655,7 @@ def main():
     if not os.access(TOOL, os.X_OK):
         raise HarnessError(f'{TOOL} missing: run scripts/build-tools')
     t = Tests()
-    with Vm('vmem-limit') as vm:
+    with Vm('vmem-limit', monitors=2) as vm:
         vm.tool('show')
         info = vm.show()
         base = info['base']
@@ -467,9 +675,18 @@ def main():
                lambda: cgroup_v2_files(vm, base))
         t.case('errors: socket, cgroup, permission, usage; limit unchanged',
                lambda: error_paths(vm, base))
+        t.case('sizes: overflow, past 4 PiB, margin below its floor: exit 1',
+               lambda: sizes_checked(vm))
+        t.case('socket and cgroup of different VMs: refused',
+               lambda: socket_of_another_vm(vm))
+        t.case('not a socket, nobody listening, not QMP, no greeting: '
+               'each told, nothing sent', lambda: qmp_socket_errors(vm))
+        t.case('instances on one VM take turns; one follow per VM',
+               lambda: instances_take_turns(vm, base))
         t.case('follow: QMP lost is exit 4, limit unchanged',
                lambda: lost_in_follow(vm, base))
-    t.case('the same limit raised only after growing: OOM kill',
+    t.case('the same limit raised only after growing: OOM kill, reported '
+           'by follow as such (exit 8)',
            oom_when_raised_after)
     t.done()
 

@@ -33,8 +33,8 @@
 #define MARGIN_FLOOR    (32ULL << 20)
 /*
  * QEMU's own memory beside the guest's RAM: code, heap, page tables,
- * device state and, under TCG, the translated code.  Measured: 140 MiB
- * for a 512 MiB guest under TCG (tests/tools/test_vmem_limit_oom.py).
+ * device state and, under TCG, the translated code: 96 MiB for a 512 MiB
+ * guest under TCG (tests/tools/test_vmem_limit_oom.py logs it).
  */
 #define DEFAULT_OVERHEAD (256ULL << 20)
 /* The memmap of memory the guest adds: 64 bytes per 4 KiB page. */

@@ -21,7 +21,7 @@
 /* A command QEMU does not answer within this time counts as lost. */
 #define QMP_REPLY_TIMEOUT_MS 30000
 /* QEMU greets at once; a monitor that stays silent this long is no QMP. */
-#define QMP_GREETING_TIMEOUT_MS 10000
+#define QMP_GREETING_TIMEOUT_MS 5000
 
 struct Qmp {
     int fd;

@@ -1,0 +1,219 @@
+#!/usr/bin/python3
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""
+The three ways vmem-limit with its documented defaults got a well-behaved
+VM OOM-killed (issue 17), each on a real memory cgroup, with a 512 MiB
+guest and an 8 GiB virtio-mem device:
+
+1. a fresh guest, `follow --once`, then the guest writes 300 MiB into a
+   tmpfs of its boot RAM;
+2. stock QEMU: `resize vm0 1G`, then `follow --once` again (as after a
+   restart of the service), then the guest writes 1000 MiB into a tmpfs;
+3. `follow` runs; someone else grows the device to 512 MiB and shrinks it
+   to 0, and 2 ms after follow has lowered the limit sets 8 GiB: the guest
+   writes the new memory's memmap (128 MiB) before follow reacts.
+
+Each passes when QEMU is alive, the cgroup counted no OOM kill and the
+limit covers what the VM holds; each logs the limits before and after and
+the oom_kill count.  VMEM_LIMIT_TOOL=/path/to/an/older/vmem-limit runs
+the same scenarios against that build (the previous tool fails all three).
+"""
+
+import contextlib
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                '..', 'guest'))
+
+# pylint: disable=wrong-import-position
+from vmtest import (STOCK_QEMU, MiB, GiB, HarnessError, Tests,  # noqa: E402
+                    check, log, poll, require_kit)
+from test_vmem_limit import TOOL, Vm, finish  # noqa: E402
+
+DEVICE = {'size': '8G', 'block_size': '2M', 'requested': 0,
+          'vmemmap_accounting': True}
+STOCK_DEVICE = {'size': '8G', 'block_size': '2M', 'requested': 0}
+
+
+def mib(n):
+    return 'unlimited' if n is None else f'{n / MiB:.1f} MiB'
+
+
+def no_swap(vm):
+    """On a host with swap the cgroup would swap instead of killing."""
+    name = 'memory.swap.max' if vm.cg.version == 2 else 'memory.swappiness'
+    with contextlib.suppress(OSError), \
+            open(os.path.join(vm.cg.path, name), 'w') as f:
+        f.write('0\n')
+
+
+def write_tmpfs(vm, want_mib):
+    """The guest writes up to want_mib MiB into a tmpfs (less if it has
+    not that much available); returns the MiB written, None if QEMU died
+    meanwhile."""
+    avail = vm.g.meminfo()['MemAvailable'] // MiB
+    n = min(want_mib, avail - 48)
+    cmd = (f'mkdir -p /mnt/fill && mount -t tmpfs -o size={n + 16}m fill '
+           f'/mnt/fill && dd if=/dev/zero of=/mnt/fill/f bs=1M count={n} '
+           '2>&1 | tail -n 1')
+    try:
+        st, out = vm.g.run(cmd, timeout=300)
+    except (HarnessError, OSError) as e:
+        log(f'guest writing {n} MiB: {type(e).__name__}, QEMU running: '
+            f'{vm.g.vm.is_running()}')
+        return None
+    log(f'guest wrote {n} MiB into a tmpfs (MemAvailable was {avail} MiB): '
+        f'{out.strip()}')
+    check(st == 0, f'dd in the guest failed: {out}')
+    return n
+
+
+def verdict(vm, what, **figures):
+    """Log the figures and assert QEMU alive and no OOM kill.  A live
+    QEMU's own memory (the charge less the guest RAM resident on the
+    host) is logged too: what --overhead stands for."""
+    alive = vm.g.vm.is_running()
+    kills = vm.oom_kills()
+    if alive:
+        figures['QEMU outside guest RAM'] = mib(
+            vm.g.charge() - sum(vm.g.ram_rss().values()))
+    log(f'{what}: {TOOL}: ' + ', '.join(f'{k} {v}' for k, v in
+                                        figures.items())
+        + f', oom_kill {kills}, QEMU {"alive" if alive else "killed"}')
+    check(alive and kills == 0, f'{what}: QEMU {"alive" if alive else "gone"}'
+          f', oom_kill {kills}')
+
+
+# --- 1 --------------------------------------------------------------------
+
+def fresh_guest_writes_boot_ram(vm):
+    no_swap(vm)
+    charge = vm.g.charge()
+    vm.tool('follow', '--once')
+    limit = vm.limit()
+    wrote = write_tmpfs(vm, 300)
+    if wrote is None:
+        poll(lambda: not vm.g.vm.is_running(), 30, 'QEMU to exit')
+    verdict(vm, 'reproducer 1', **{'charge at start': mib(charge),
+                                   'limit after follow --once': mib(limit),
+                                   'wrote': f'{wrote} MiB',
+                                   'peak': mib(vm.peak())})
+    check(vm.limit() == limit, f'limit moved to {vm.limit()}')
+
+
+# --- 2 --------------------------------------------------------------------
+
+def restart_after_resize_stock_qemu(vm):
+    no_swap(vm)
+    vm.tool('resize', 'vm0', '1G')
+    vm.g.wait_guest_at_rest()
+    after_resize = vm.limit()
+    vm.tool('follow', '--once')
+    after_restart = vm.limit()
+    wrote = write_tmpfs(vm, 1000)
+    if wrote is None:
+        poll(lambda: not vm.g.vm.is_running(), 30, 'QEMU to exit')
+    verdict(vm, 'reproducer 2', **{'limit after resize 1G':
+                                   mib(after_resize),
+                                   'after a second follow --once':
+                                   mib(after_restart),
+                                   'wrote': f'{wrote} MiB',
+                                   'peak': mib(vm.peak())})
+    check(after_restart >= after_resize,
+          f'the second run lowered the limit: {mib(after_resize)} -> '
+          f'{mib(after_restart)}')
+
+
+# --- 3 --------------------------------------------------------------------
+
+def grow_by_another_right_after_lowering(vm):
+    no_swap(vm)
+    p = vm.popen('follow')
+    lowered = lowered_at = None
+    try:
+        poll(lambda: any('following' in l for l in p.out), 30,
+             'follow to start')
+        n = len(p.out)
+        vm.g.resize(512 * MiB)
+        poll(lambda: any('raised' in l for l in p.out[n:]), 10,
+             'follow to raise after the grow to 512 MiB')
+        vm.g.qom_set('requested-size', 0)
+        n = len(p.out)
+        poll(lambda: any('lowered' in l for l in p.out[n:]), 60,
+             'follow to lower the limit after the shrink', interval=0.001,
+             backoff=False)
+        lowered = vm.limit()
+        # The scenario's own 2 ms, not a wait for anything.
+        time.sleep(0.002)
+        vm.g.qom_set('requested-size', 8 * GiB)
+        lowered_at = time.monotonic()
+
+        def settled_or_dead():
+            return not vm.g.vm.is_running() or \
+                vm.g.qom_get('size') == 8 * GiB
+        with contextlib.suppress(Exception):
+            poll(settled_or_dead, 180, 'size 8 GiB or QEMU gone')
+        if vm.g.vm.is_running():
+            vm.g.wait_guest_at_rest(180)
+            poll(lambda: vm.limit() >= vm.g.charge() and
+                 vm.limit() > 8 * GiB, 10, 'follow to raise for 8 GiB')
+    finally:
+        p.terminate()
+        finish(p, 10)
+    for line in p.out:
+        log(f'  | {line.rstrip()}')
+    verdict(vm, 'reproducer 3', **{'limit lowered to': mib(lowered),
+                                   'grown to 8 GiB; limit now':
+                                   mib(vm.limit() if vm.g.vm.is_running()
+                                       else None),
+                                   'seconds after the grow':
+                                   f'{time.monotonic() - lowered_at:.1f}'
+                                   if lowered_at else '?',
+                                   'peak': mib(vm.peak())})
+
+
+def main():
+    require_kit()
+    if not os.access(TOOL, os.X_OK):
+        raise HarnessError(f'{TOOL} missing: run scripts/build-tools')
+    t = Tests()
+    guest = [None]
+
+    def fork_guest(name, fresh=False):
+        """The fork's guest, booted again only when needed."""
+        g = guest[0]
+        if g and (fresh or not g.g.vm.is_running()):
+            g.__exit__(None, None, None)
+            g = None
+        if not g:
+            g = Vm(name, device=DEVICE).__enter__()
+        guest[0] = g
+        return g
+    try:
+        t.case('1: fresh guest, follow --once, the guest writes 300 MiB '
+               'into its boot RAM: no OOM kill',
+               lambda: fresh_guest_writes_boot_ram(
+                   fork_guest('oom-r1', fresh=True)))
+        t.case('3: follow; a grow to 8 GiB by another client 2 ms after '
+               'follow lowered: no OOM kill',
+               lambda: grow_by_another_right_after_lowering(
+                   fork_guest('oom-r3')))
+    finally:
+        if guest[0]:
+            guest[0].__exit__(None, None, None)
+
+    def stock():
+        # Stock QEMU cannot tell the guest's memmap apart: kept in boot RAM
+        # (the harness's at-rest rule needs MemTotal = boot + size).
+        with Vm('oom-r2', device=STOCK_DEVICE, qemu=STOCK_QEMU,
+                memmap_on_memory=False) as vm:
+            restart_after_resize_stock_qemu(vm)
+    t.case('2: stock QEMU, resize 1G, follow --once again, the guest '
+           'writes 1000 MiB: no OOM kill, limit not lowered', stock)
+    t.done()
+
+
+if __name__ == '__main__':
+    main()
