@@ -255,6 +255,12 @@ class Guest:
             parts.append(self.append)
         return ' '.join(parts)
 
+    def boot_args(self):
+        """How the guest boots: the test kit's kernel and initramfs."""
+        return ['-kernel', os.path.join(GUEST, 'vmlinuz'),
+                '-initrd', os.path.join(GUEST, 'initramfs.cpio.gz'),
+                '-append', self.cmdline()]
+
     def device_args(self):
         d = self.device
         if not d:
@@ -287,9 +293,7 @@ class Guest:
                 '-cpu', 'qemu64,phys-bits=40' if accel_ == 'tcg' else 'host',
                 '-smp', str(self.smp),
                 '-m', f'{self.mem},maxmem={self.maxmem}',
-                '-kernel', os.path.join(GUEST, 'vmlinuz'),
-                '-initrd', os.path.join(GUEST, 'initramfs.cpio.gz'),
-                '-append', self.cmdline(),
+                *self.boot_args(),
                 '-serial', f'file:{self.console_path}',
                 '-chardev', f'socket,id=ctl,path={ctl_path},server=on,wait=off',
                 '-serial', 'chardev:ctl']
@@ -509,6 +513,71 @@ class Guest:
             raise HarnessError(f'guest MemTotal {last[0][0] >> 10} KiB never '
                                f'reached boot + size - vmemmap-size = '
                                f'{last[0][1] >> 10} KiB') from e
+
+
+class SystemdGuest(Guest):
+    """A Debian guest booted from a disk image (scripts/build-images):
+    systemd as PID 1, root on a virtio-blk disk, Debian's kernel and
+    initramfs given with -kernel/-initrd.  The image's vmtest-ctl.service
+    (guest/debian/vmtest-ctl) serves the same command channel on ttyS1 as
+    the test initramfs's init, after basic.target; serial-getty on ttyS1
+    is masked in the image.  Which virtio_mem loads is the image's
+    business (udev and modprobe), not the harness's.
+
+    image: raw disk image; snapshot (default) keeps it unchanged, the
+    guest's writes last until QEMU exits (across guest reboots).
+    append: kernel parameters after root=/dev/vda."""
+
+    def __init__(self, name, image, kernel, initrd, append='',
+                 snapshot=True, mem='1G', maxmem='16G', smp=1,
+                 boot_timeout=300, **kw):
+        super().__init__(name, mem=mem, maxmem=maxmem, smp=smp,
+                         module=None, append=append,
+                         boot_timeout=boot_timeout, **kw)
+        self.image = image
+        self.kernel = kernel
+        self.initrd = initrd
+        self.snapshot = snapshot
+        self.exit_status = None
+
+    def cmdline(self):
+        return ' '.join(p for p in ('root=/dev/vda rw console=ttyS0 '
+                                    'panic=-1', self.append) if p)
+
+    def boot_args(self):
+        drive = f'file={self.image},if=none,id=disk0,format=raw'
+        if self.snapshot:
+            drive += ',snapshot=on'
+        return ['-kernel', self.kernel, '-initrd', self.initrd,
+                '-append', self.cmdline(),
+                '-drive', drive, '-device', 'virtio-blk-pci,drive=disk0']
+
+    def wait_ready(self, timeout, what='guest boot'):
+        """READY comes after basic.target, when udev may still be loading
+        the drivers of the devices present at boot (virtio_mem among
+        them): wait for its queue to empty too."""
+        t0 = time.monotonic()
+        super().wait_ready(timeout, what)
+        left = max(10, int(timeout - (time.monotonic() - t0)))
+        self.run(f'udevadm settle --timeout={left}', timeout=left + 10,
+                 check=True)
+
+    def reboot(self, timeout=None):
+        """systemctl reboot, then wait for the channel's next READY."""
+        self._seq += 1
+        self.ctl.sendall(f'{self._seq} systemctl reboot\n'.encode())
+        self.wait_ready(timeout or self.boot_timeout, 'guest reboot')
+
+    def poweroff(self, timeout=120):
+        """systemctl poweroff; wait for QEMU to exit and return its exit
+        status (0: the guest powered the machine off)."""
+        self._seq += 1
+        self.ctl.sendall(f'{self._seq} systemctl poweroff\n'.encode())
+        poll(lambda: not self.vm.is_running(), timeout,
+             'QEMU to exit after the guest powered off', interval=0.5)
+        self.exit_status = self.vm.exitcode()
+        self.vm.wait()
+        return self.exit_status
 
 
 # --- migration ---------------------------------------------------------
