@@ -1,0 +1,107 @@
+#!/usr/bin/python3
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""
+The driver on each Debian kernel the project supports: Debian 12's 6.1
+(bookworm-security), 6.12 (the default kit) and trixie-backports' 7.3,
+each with its own kit (scripts/build-guest --kernel SERIES) and its own
+port of the series (guest/linux/patches-<series>/).
+
+Per kernel, two arms side by side (tests/guest/scenarios.py):
+  stock    Debian's QEMU and Debian's virtio_mem, memmap_on_memory off;
+  project  the fork (vmemmap-accounting=on), the patched module,
+           memory_hotplug.memmap_on_memory=1.
+Each runs 0 -> 4 GiB -> 1 GiB -> 0 in SBM (2 MiB device blocks,
+ZONE_MOVABLE) and asserts at every settled step:
+  - the guest runs that kernel and loaded that arm's module;
+  - size == requested;
+  - project: VIRTIO_MEM_F_VMEMMAP negotiated, vmemmap-size == 2 MiB per
+    added 128 MiB memory block, MemTotal gain == size - vmemmap-size;
+  - stock: no feature, nothing reported, MemTotal gain == size (the
+    memmap comes from boot RAM);
+  - a clean guest log.
+
+VMTEST_KERNELS=6.1,7.3 limits the kernels (default: 6.1,6.12,7.3).
+"""
+
+import os
+
+import vmtest
+from scenarios import guest_for
+from vmtest import GiB, MiB, Tests, check, log
+
+MB = 128 * MiB          # Linux memory block on x86-64 (512 MiB guests)
+VMEMMAP = 2 * MiB       # memmap of one memory block
+STEPS = (4 * GiB, 1 * GiB, 0)
+KERNELS = [k for k in os.environ.get('VMTEST_KERNELS',
+                                     '6.1,6.12,7.3').split(',') if k]
+
+
+def feature_negotiated(g):
+    """Bit 3 (VIRTIO_MEM_F_VMEMMAP) of the virtio-mem device's (id 24)
+    negotiated features, as the guest shows them."""
+    st, out = g.run('for d in /sys/bus/virtio/devices/*; do '
+                    '[ "$(cat $d/device)" = 0x0018 ] && cat $d/features; '
+                    'done')
+    feats = out.split()
+    check(st == 0 and len(feats) == 1,
+          f'no single virtio-mem device in the guest: {out.strip()}')
+    return len(feats[0]) > 3 and feats[0][3] == '1'
+
+
+def loaded_module(g):
+    """Which of the kit's two modules the guest loaded: the patched one
+    has the memmap_on_memory parameter."""
+    st, _ = g.run('[ -e /sys/module/virtio_mem/parameters/memmap_on_memory ]')
+    return 'patched' if st == 0 else 'stock'
+
+
+def cycle(kernel, arm):
+    kit = vmtest.guest_kit_dir(kernel)
+    release = open(os.path.join(kit, 'kernel-release')).read().strip()
+    # The harness boots the kit that vmtest.GUEST names.
+    vmtest.GUEST = kit
+    project = arm == 'project'
+    steps = []
+    with guest_for(arm, f'kern-{kernel}', '512M', '4G') as g:
+        uname = g.run('uname -r', check=True)[1].strip()
+        check(uname == release, f'guest runs {uname}, not {release}')
+        module = loaded_module(g)
+        check(module == ('patched' if project else 'stock'),
+              f'{arm} arm loaded the {module} module')
+        neg = feature_negotiated(g)
+        check(neg == project,
+              f'VIRTIO_MEM_F_VMEMMAP negotiated: {neg}, expected {project}')
+        base = g.mem_total()
+        for req in STEPS:
+            secs = g.resize(req)
+            size = g.qom_get('size')
+            vmm = g.vmemmap_size()
+            gain = g.mem_total() - base
+            blocks = -(-size // MB)
+            want_vmm = blocks * VMEMMAP if project else 0
+            check(size == req, f'size {size >> 20} MiB != requested '
+                  f'{req >> 20} MiB')
+            check(vmm == want_vmm, f'vmemmap-size {vmm / MiB} MiB != '
+                  f'{want_vmm / MiB} MiB ({blocks} blocks)')
+            check(gain == size - vmm, f'MemTotal gain {gain / MiB} MiB != '
+                  f'size - vmemmap-size {(size - vmm) / MiB} MiB')
+            bad = g.bad_log_lines()
+            check(not bad, 'guest log: ' + '\n'.join(bad))
+            steps.append(f'{req >> 20} MiB: size {size >> 20} MiB, '
+                         f'vmemmap-size {vmm >> 20} MiB, MemTotal '
+                         f'+{gain >> 20} MiB, {secs:.1f} s')
+    log(f'{release} {arm} ({module}): ' + '; '.join(steps))
+
+
+def main():
+    vmtest.require_kit()
+    t = Tests()
+    for k in KERNELS:
+        for arm in ('stock', 'project'):
+            t.case(f'Linux {k}, {arm}: 0 -> 4 GiB -> 1 GiB -> 0',
+                   lambda k=k, arm=arm: cycle(k, arm))
+    t.done()
+
+
+if __name__ == '__main__':
+    main()
