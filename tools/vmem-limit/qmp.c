@@ -285,17 +285,28 @@ static gboolean qmp_greeting(Qmp *q, GError **errp)
                       QMP_GREETING_TIMEOUT_MS * (gint64)1000;
     g_autoptr(JsonNode) node = NULL;
     g_autofree char *line = NULL;
-    char *nl;
+    const char *text;
+    char *nl = NULL;
 
-    while (!(nl = memchr(q->buf->str, '\n', q->buf->len))) {
-        int left = (int)((deadline - g_get_monotonic_time()) / 1000);
-        int r = left > 0 ? qmp_fill(q, left, errp) : 0;
+    for (;;) {
+        int left, r;
 
+        /* Blank lines first (a console's "\r\n") say nothing yet. */
+        text = q->buf->str + strspn(q->buf->str, " \t\r\n");
+        if (*text && *text != '{') {
+            break;      /* whatever it is, it is not QMP's JSON */
+        }
+        nl = *text ? strchr(text, '\n') : NULL;
+        if (nl) {
+            break;
+        }
+        left = (int)((deadline - g_get_monotonic_time()) / 1000);
+        r = left > 0 ? qmp_fill(q, left, errp) : 0;
         if (r < 0) {
             return FALSE;
         }
-        if (r == 0 && q->buf->len) {
-            break;      /* text without a newline: not QMP */
+        if (r == 0 && *text) {
+            break;      /* JSON-looking text that never ends its line */
         }
         if (r == 0) {
             g_set_error(errp, VMEM_LIMIT_ERROR, VMEM_EXIT_LOST,
@@ -308,12 +319,11 @@ static gboolean qmp_greeting(Qmp *q, GError **errp)
             return FALSE;
         }
     }
-    line = nl ? g_strndup(q->buf->str, nl - q->buf->str)
-              : g_strdup(q->buf->str);
-    node = json_from_string(g_strstrip(line), NULL);
+    line = g_strndup(text, strcspn(text, "\n"));
+    node = nl ? json_from_string(g_strstrip(line), NULL) : NULL;
     if (!node || !JSON_NODE_HOLDS_OBJECT(node) ||
         !json_object_has_member(json_node_get_object(node), "QMP")) {
-        g_autofree char *shown = g_strescape(line, NULL);
+        g_autofree char *shown = g_strescape(g_strstrip(line), NULL);
 
         g_set_error(errp, VMEM_LIMIT_ERROR, VMEM_EXIT_USAGE,
                     "%s is not a QMP socket: it began with \"%.60s\" where "
