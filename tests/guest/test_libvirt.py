@@ -336,11 +336,13 @@ def runs_emulator(daemon, g):
     named = ET.fromstring(daemon.virsh('dumpxml', g.domain)).find(
         'devices/emulator').text
     check(named == QEMU, f'domain <emulator> {named}, want {QEMU}')
-    exes = {os.path.realpath(f'/proc/{pid}/exe')
-            for pid in daemon.qemu_pids()}
-    check(exes == {os.path.realpath(QEMU)},
-          f'QEMU processes run {sorted(exes)}, the domain names {QEMU}')
-    log(f'emulator {QEMU}: runs {exes.pop()}')
+    pidfile = os.path.join(daemon.tmp, 'run-libvirt', 'qemu',
+                           f'{g.domain}.pid')
+    with open(pidfile) as f:
+        exe = os.path.realpath(f'/proc/{int(f.read())}/exe')
+    check(exe == os.path.realpath(QEMU),
+          f'the domain\'s QEMU runs {exe}, the domain names {QEMU}')
+    log(f'emulator {QEMU}: runs {exe}')
 
 
 def boots_with_acpi_numa_cpus(g):
