@@ -830,8 +830,8 @@ static int cmd_follow(Ctx *c, GError **errp)
         if (!c->t->get_limit(c->t, &hard, &soft, errp)) {
             return 1;
         }
-        c->limit = hard;
         if (hard == want && (!c->t->soft_name || soft == want)) {
+            c->limit = hard;
             vmem_state_unlock(c->state);
             refused = 0;
             continue;

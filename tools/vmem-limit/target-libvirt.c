@@ -43,6 +43,24 @@ typedef struct {
     Cgroup *cg;             /* QEMU's memory cgroup, for OOM kills */
 } LvTarget;
 
+/*
+ * A domain found stopped: was it shut down on purpose?  Its state's
+ * reason says, where the lifecycle event has not been seen yet.
+ */
+static void lv_note_stop(LvTarget *lt)
+{
+    int state, reason;
+
+    if (lt->dom && lt->t &&
+        virDomainGetState(lt->dom, &state, &reason, 0) == 0 &&
+        state == VIR_DOMAIN_SHUTOFF) {
+        lt->t->shut_down = reason == VIR_DOMAIN_SHUTOFF_SHUTDOWN ||
+                           reason == VIR_DOMAIN_SHUTOFF_DESTROYED ||
+                           reason == VIR_DOMAIN_SHUTOFF_SAVED ||
+                           reason == VIR_DOMAIN_SHUTOFF_MIGRATED;
+    }
+}
+
 static void lv_quiet(void *opaque, virErrorPtr e)
 {
     (void)opaque;
@@ -83,6 +101,7 @@ static void lv_error(LvTarget *lt, GError **errp, int code, const char *doing)
         if (lt && lt->dom && virDomainIsActive(lt->dom) != 1) {
             code = VMEM_EXIT_LOST;
             hint = "; start the domain first";
+            lv_note_stop(lt);
         }
         break;
     default:
