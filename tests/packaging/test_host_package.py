@@ -316,8 +316,15 @@ def main():
     # A stopped test purges what it installed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     t = Tests()
-    deb = build_deb()
-    check(os.path.isfile(deb), f'{deb} missing')
+    built = []
+    given = os.environ.get('HOST_DEB')
+    t.case(f'HOST_DEB={given} exists' if given else
+           'scripts/build-deb: a lintian-clean package',
+           lambda: built.append(build_deb()) or
+           check(os.path.isfile(built[0]), f'{built[0]} missing'))
+    if not built or not os.path.isfile(built[0]):
+        t.done()
+    deb = built[0]
     before_debian = debian_state()
     with Installed(deb) as inst:
         t.case(f'apt-get install ./{os.path.relpath(deb, TOP)}',
