@@ -447,13 +447,15 @@ def tool_resize(daemon, g, requested, base, tool_base_):
              daemon.virsh('memtune', g.domain).splitlines() if ':' in line)}
     hard = int(tune['hard_limit']) << 10
     soft = int(tune['soft_limit']) << 10
-    want = tool_base_ + requested + shown['margin']
+    want = tool_base_ + requested + shown['headroom'] + shown['margin']
     log(f'hard_limit {hard >> 20} MiB, soft_limit {soft >> 20} MiB = base '
-        f'{tool_base_ >> 20} + size {requested >> 20} + margin '
-        f'{shown["margin"] >> 20} MiB; charge {shown["charge"] >> 20} MiB')
+        f'{tool_base_ >> 20} + size {requested >> 20} + headroom '
+        f'{shown["headroom"] >> 20} + margin {shown["margin"] >> 20} MiB; '
+        f'charge {shown["charge"] >> 20} MiB')
     check(hard == soft == want,
           f'hard_limit {hard}, soft_limit {soft}: want base {tool_base_} + '
-          f'size {requested} + margin {shown["margin"]} = {want}')
+          f'size {requested} + headroom {shown["headroom"]} + margin '
+          f'{shown["margin"]} = {want}')
     check(shown['limit'] == hard and shown['wanted'] == want,
           f'vmem-limit show: limit {shown["limit"]}, wanted '
           f'{shown["wanted"]}; libvirt has {hard}, want {want}')
@@ -466,6 +468,8 @@ def tool_follow(daemon, g, base, tool_base_):
     events alone, moves hard_limit and soft_limit after resizes done by
     someone else (virsh update-memory-device)."""
     opt = f'--base={tool_base_ >> 20}M'
+    shown = json.loads(vmem_limit(daemon, g, opt, 'show', '--json'))
+    max_size = shown['virtio-mem'][0]['max-size']
     p = subprocess.Popen([VMEM_LIMIT, '--connect', daemon.uri, '-d',
                           g.domain, opt, '--interval', '0', 'follow'],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -485,7 +489,9 @@ def tool_follow(daemon, g, base, tool_base_):
         for req in (1 * GiB, 0):
             t0 = time.monotonic()
             g.update_memory_device(req)
-            want = tool_base_ + req + 64 * MiB
+            # headroom: the memmap of growing to max-size
+            want = tool_base_ + req + (max_size - req) // 64 + \
+                shown['margin']
             poll(lambda w=want: limits() == (w, w), 60,
                  f'hard_limit = soft_limit = {want >> 20} MiB (now '
                  f'{[v >> 20 for v in limits()]} MiB)')
