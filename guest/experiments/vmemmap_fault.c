@@ -21,11 +21,16 @@
  * fail_contig    the same for alloc_contig_range (contig_fn names it:
  *                alloc_contig_range_noprof on 6.10 and later,
  *                alloc_contig_range before): memory looks unmovable.
+ * delay_add_ms   the next add_memory_driver_managed() call spins this
+ *                long on entry, before it takes the hotplug locks, with
+ *                delaying set meanwhile: user space can online another
+ *                memory block while the driver is about to add one.
  *
  * The counters skewed, failed_removes and failed_contigs say how often
  * each fault was injected.
  */
 
+#include <linux/delay.h>
 #include <linux/kprobes.h>
 #include <linux/memory.h>
 #include <linux/module.h>
@@ -50,6 +55,14 @@ MODULE_PARM_DESC(fail_remove, "offline_and_remove_memory() calls to fail");
 static int fail_contig;
 module_param(fail_contig, int, 0644);
 MODULE_PARM_DESC(fail_contig, "alloc_contig_range() calls to fail");
+
+static int delay_add_ms;
+module_param(delay_add_ms, int, 0644);
+MODULE_PARM_DESC(delay_add_ms, "Spin the next add_memory_driver_managed()");
+
+static bool delaying;
+module_param(delaying, bool, 0444);
+MODULE_PARM_DESC(delaying, "add_memory_driver_managed() is spinning");
 
 static char *contig_fn = "alloc_contig_range_noprof";
 module_param(contig_fn, charp, 0444);
@@ -138,6 +151,19 @@ static int vmemmap_fault_contig(struct kprobe *p, struct pt_regs *regs)
 	return vmemmap_fault_override(regs);
 }
 
+static int vmemmap_fault_delay(struct kprobe *p, struct pt_regs *regs)
+{
+	const int ms = xchg(&delay_add_ms, 0);
+
+	if (ms <= 0)
+		return 0;
+	/* Kprobe handlers cannot sleep: spin, the other CPUs run on. */
+	WRITE_ONCE(delaying, true);
+	mdelay(ms);
+	WRITE_ONCE(delaying, false);
+	return 0;
+}
+
 /* A post handler makes the kprobe one that may change the IP. */
 static void vmemmap_fault_post(struct kprobe *p, struct pt_regs *regs,
 			       unsigned long flags)
@@ -158,6 +184,10 @@ static struct kprobe vmemmap_fault_probes[] = {
 		.pre_handler = vmemmap_fault_contig,
 		.post_handler = vmemmap_fault_post,
 	},
+	{
+		.symbol_name = "add_memory_driver_managed",
+		.pre_handler = vmemmap_fault_delay,
+	},
 };
 
 static struct kprobe *vmemmap_fault_kps[ARRAY_SIZE(vmemmap_fault_probes)];
@@ -167,6 +197,7 @@ static int __init vmemmap_fault_init(void)
 	int i, rc;
 
 	vmemmap_fault_probes[2].symbol_name = contig_fn;
+	BUILD_BUG_ON(ARRAY_SIZE(vmemmap_fault_probes) != 4);
 	for (i = 0; i < ARRAY_SIZE(vmemmap_fault_probes); i++)
 		vmemmap_fault_kps[i] = &vmemmap_fault_probes[i];
 	rc = register_kprobes(vmemmap_fault_kps, ARRAY_SIZE(vmemmap_fault_kps));

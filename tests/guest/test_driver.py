@@ -514,6 +514,13 @@ def memory_blocks(g, state=None):
     return sorted(blocks)
 
 
+def plug_offline(g, size):
+    """Set requested-size with onlining left to user space: wait for the
+    device's size (MemTotal does not move, so no resize())."""
+    g.qom_set('requested-size', size)
+    poll(lambda: g.qom_get('size') == size, 60, f'size == {size >> 20} MiB')
+
+
 def set_block(g, idx, state):
     """Write `state` to memory block `idx`; the write's exit status."""
     return g.run(f'echo {state} > /sys/devices/system/memory/memory{idx}/'
@@ -558,7 +565,7 @@ def test_misplaced_user_online():
     with guest_for('project', 'drv-misplaced-user', '512M', '2G',
                    online='offline') as g:
         base = g.mem_total()
-        g.resize(512 * MiB)
+        plug_offline(g, 512 * MiB)
         first = memory_blocks(g, 'offline')
         check(len(first) == 4, f'offline blocks after plugging: {first}')
         check(guest_vmemmap(g) == 4 * VMEMMAP,
@@ -585,6 +592,45 @@ def test_misplaced_user_online():
             'onlined, accounting exact')
 
 
+def test_other_block_not_blamed():
+    # D3: user space onlines block A0 while the driver is about to add
+    # block A1 (the test kit holds the driver at the entry of
+    # add_memory_driver_managed()), and mm placed A0's memmap
+    # differently.  That is A0's fault, not A1's: the driver must name
+    # A0, and A1's add must succeed; then both go (neither was onlined
+    # with the memmap the driver computed) and come back without
+    # memmap_on_memory.
+    with guest_for('project', 'drv-not-blamed', '512M', '2G',
+                   online='offline') as g:
+        base = g.mem_total()
+        plug_offline(g, 128 * MiB)
+        a0, = memory_blocks(g, 'offline')
+        fault(g, skew_pages=1, skew_only_mb=a0, delay_add_ms=4000)
+        g.qom_set('requested-size', 256 * MiB)
+        poll(lambda: g.run('cat /sys/module/vmemmap_fault/parameters/'
+                           'delaying', check=True)[1].strip() == 'Y', 30,
+             'the driver to be about to add a block')
+        check(set_block(g, a0, 'online_movable') != 0,
+              f'memory block {a0} onlined with a misplaced memmap')
+        line = (f'memmap of the memory block at {a0 * MB:#x} is '
+                f'{VMEMMAP + 4096:#x} bytes, expected {VMEMMAP:#x}; '
+                'refusing to online it')
+        poll(lambda: line in g.console(), 30, 'the driver to name A0')
+        check('adding memory failed' not in g.console(),
+              'adding A1 failed')
+        poll(lambda: guest_vmemmap(g) == 0 and
+             g.qom_get('size') == 256 * MiB and
+             len(memory_blocks(g, 'offline')) == 2, 60,
+             'both blocks re-added without memmap_on_memory')
+        for idx in memory_blocks(g, 'offline'):
+            check(set_block(g, idx, 'online_movable') == 0,
+                  f'memory block {idx} refused after the fallback')
+        expect_state(g, base, 256 * MiB, memmap=0, reported=0)
+        log(f'block {a0} onlined with a misplaced memmap while the driver '
+            'added the next one: named, the add went through, both '
+            'replaced without memmap_on_memory')
+
+
 def test_unplug_order():
     # D4: block X (memmap + 1 usable subblock) and block Y (memmap + 3),
     # Y visited first (same state, higher id); shrink by 3 subblocks.
@@ -595,12 +641,12 @@ def test_unplug_order():
     # shrunk (unplug_online=0 keeps the driver off online memory).
     with guest_for('project', 'drv-unplug-order', '512M', '2G',
                    online='offline') as g:
-        g.resize(136 * MiB)
+        plug_offline(g, 136 * MiB)
         x, y = memory_blocks(g, 'offline')
         check(set_block(g, y, 'online_movable') == 0, 'cannot online Y')
         g.run('echo 0 > /sys/module/virtio_mem/parameters/unplug_online',
               check=True)
-        g.resize(12 * MiB)
+        plug_offline(g, 12 * MiB)
         check(set_block(g, y, 'offline') == 0, 'cannot offline Y')
         g.run('echo 1 > /sys/module/virtio_mem/parameters/unplug_online',
               check=True)
@@ -611,7 +657,6 @@ def test_unplug_order():
         g.qom_set('requested-size', 6 * MiB)
         poll(lambda: g.qom_get('size') == 6 * MiB, 60,
              'size == 6 MiB (X unplugged, 1 subblock of Y)')
-        g.wait_guest_at_rest()
         check(memory_blocks(g) == [y], f'blocks left: {memory_blocks(g)}')
         check(g.vmemmap_size() == VMEMMAP and guest_vmemmap(g) == VMEMMAP,
               f'vmemmap-size {g.vmemmap_size()}, driver '
@@ -663,7 +708,7 @@ def test_reports_while_unplug_busy():
         with guest_for('project', 'drv-busy-unplug', '512M', '4G',
                        online='offline', extra_args=trace.args()) as g:
             base = g.mem_total()
-            g.resize(512 * MiB)
+            plug_offline(g, 512 * MiB)
             fault(g, fail_contig=-1)
             seen = {}
             online = ('for f in /sys/devices/system/memory/memory*/state; '
@@ -764,6 +809,8 @@ def main():
            'memmap_on_memory off', test_misplaced_at_add)
     t.case('D2: memmap misplaced, onlined by user space: no block left '
            'behind, plugging goes on', test_misplaced_user_online)
+    t.case('D3: an online of another block during an add is not blamed '
+           'on the block being added', test_other_block_not_blamed)
     t.case('D4: unplug whole blocks first, smallest first',
            test_unplug_order)
     t.case('D5: failed removal retried when the request stopped short',
