@@ -13,9 +13,15 @@ The systemd unit tools/vmem-limit/vmem-limit@.service, without a systemd
    a private libvirtd (tests/guest/test_libvirt.py's): READY=1 comes once
    hard_limit is set; a grow and a shrink by `virsh update-memory-device`
    move hard_limit and soft_limit, each with one line that has the limit,
-   the charge and the headroom; `virsh destroy` ends it with exit 0.
+   the charge and the headroom;
+3. an OOM kill of the domain ends it with exit 8 (a failure: systemd
+   restarts it) and says so;
+4. run again for the restarted domain, `virsh destroy` ends it with
+   exit 0 (no restart).
 """
 
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -146,25 +152,75 @@ class Notify:
         self.sock.close()
 
 
-def follow_domain(daemon, g):
-    service = unit_service()
-    check(service.get('Type') == ['notify'] and
-          service.get('Restart') == ['on-failure'],
-          f'unit: Type {service.get("Type")}, Restart '
-          f'{service.get("Restart")}')
-    env = unit_environment(service)
-    argv = exec_start(service, g.domain, env)
-    log(f'ExecStart: {shlex.join(argv)}')
-    if not os.access(argv[0], os.X_OK):
-        log(f'{argv[0]} is not installed: running {BUILT} in its place')
-        argv[0] = BUILT
-    run = tempfile.mkdtemp(prefix='vmem-limit-unit-run-')
-    notify = Notify(os.path.join(run, 'notify'))
-    env = {**os.environ, **env, 'RUNTIME_DIRECTORY': run,
-           'NOTIFY_SOCKET': notify.path, 'LIBVIRT_DEFAULT_URI': daemon.uri}
-    shown = json.loads(subprocess.run(
-        [BUILT, '-d', g.domain, 'show', '--json'], env=env, check=True,
+class Service:
+    """The unit's ExecStart, run as systemd would run it for domain
+    `g.domain`: the unit's Environment= (and `opts` in VMEM_LIMIT_OPTS,
+    as /etc/default/vmem-limit would give them), RUNTIME_DIRECTORY,
+    NOTIFY_SOCKET, and the private daemon's URI in LIBVIRT_DEFAULT_URI."""
+
+    def __init__(self, daemon, g, run, opts=''):
+        service = unit_service()
+        check(service.get('Type') == ['notify'] and
+              service.get('Restart') == ['on-failure'],
+              f'unit: Type {service.get("Type")}, Restart '
+              f'{service.get("Restart")}')
+        env = unit_environment(service)
+        if opts:
+            env['VMEM_LIMIT_OPTS'] = opts
+        self.argv = exec_start(service, g.domain, env)
+        log(f'ExecStart: {shlex.join(self.argv)}')
+        if not os.access(self.argv[0], os.X_OK):
+            log(f'{self.argv[0]} is not installed: running {BUILT} in its '
+                'place')
+            self.argv[0] = BUILT
+        self.notify = Notify(os.path.join(run, f'notify-{time.time()}'))
+        self.env = {**os.environ, **env, 'RUNTIME_DIRECTORY': run,
+                    'NOTIFY_SOCKET': self.notify.path,
+                    'LIBVIRT_DEFAULT_URI': daemon.uri}
+        self.out = []
+        self.p = None
+
+    def start(self):
+        """Start it and wait for READY=1, as systemctl start does."""
+        self.p = subprocess.Popen(self.argv, env=self.env,
+                                  stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+        self.reader = threading.Thread(
+            target=lambda: self.out.extend(self.p.stdout), daemon=True)
+        self.reader.start()
+        poll(lambda: self.ready() or self.p.poll() is not None, 120,
+             'READY=1 from the service')
+        check(self.p.poll() is None,
+              f'the service exited {self.p.returncode}: {self.out}')
+
+    def ready(self):
+        return any(m == 'READY=1' for _, m in self.notify.msgs)
+
+    def wait(self, timeout):
+        rc = self.p.wait(timeout=timeout)
+        self.reader.join(10)
+        return rc
+
+    def stop(self):
+        if self.p and self.p.poll() is None:
+            self.p.send_signal(signal.SIGTERM)
+            self.p.wait(timeout=10)
+        self.notify.close()
+        for line in self.out:
+            log(f'  journal | {line.rstrip()}')
+
+
+def tool_show(svc, g):
+    return json.loads(subprocess.run(
+        [BUILT, '-d', g.domain, 'show', '--json'], env=svc.env, check=True,
         capture_output=True, text=True).stdout)
+
+
+def follow_domain(daemon, g, run):
+    """READY=1 once hard_limit is set; a grow and a shrink by others, one
+    journal line per change with limit, charge and headroom."""
+    svc = Service(daemon, g, run)
+    shown = tool_show(svc, g)
     base, margin = shown['base'], shown['margin']
     max_size = shown['virtio-mem'][0]['max-size']
     log(f'base {base / MiB:.1f} MiB ({shown["base-source"]}), margin '
@@ -172,18 +228,8 @@ def follow_domain(daemon, g):
 
     def want(size):
         return base + size + (max_size - size) // 64 + margin
-
-    p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
-    out = []
-    reader = threading.Thread(target=lambda: out.extend(p.stdout),
-                              daemon=True)
-    reader.start()
-    journal = []
     try:
-        poll(lambda: any(m == 'READY=1' for _, m in notify.msgs) or
-             p.poll() is not None, 120, 'READY=1 from the service')
-        check(p.poll() is None, f'the service exited {p.returncode}: {out}')
+        svc.start()
         hard, soft = memtune(daemon, g.domain)
         log(f'READY=1: hard_limit {hard / MiB:.1f} MiB, soft_limit '
             f'{soft / MiB:.1f} MiB, wanted {want(0) / MiB:.1f} MiB')
@@ -191,40 +237,86 @@ def follow_domain(daemon, g):
               f'at READY=1 hard_limit {hard}, soft_limit {soft}, want '
               f'{want(0)}')
         for req in (1 * GiB, 0):
-            n = len(out)
+            n = len(svc.out)
             t0 = time.monotonic()
             g.update_memory_device(req)
             poll(lambda r=req: memtune(daemon, g.domain) ==
                  (want(r), want(r)), 120,
                  f'hard_limit = soft_limit = {want(req) >> 20} MiB')
             settled_views_agree(g, req, g.boot_total, t0)
-            changes = [l for l in out[n:] if re.match(r'(raised|lowered) ',
-                                                      l)]
+            changes = [l for l in svc.out[n:]
+                       if re.match(r'(raised|lowered) ', l)]
             log(f'update-memory-device {req >> 20} MiB: hard_limit '
                 f'{want(req) >> 20} MiB after {time.monotonic() - t0:.1f} s')
             check(changes and all(re.search(r'; charge [\d.]+ MiB, headroom '
                                             r'[\d.]+ MiB$', l.strip())
                                   for l in changes),
                   f'no journal line with limit, charge and headroom: '
-                  f'{out[n:]}')
-            journal += changes
-        check(any(m.startswith('STATUS=limit') for _, m in notify.msgs),
-              f'no STATUS= sent: {notify.msgs}')
-        g.daemon.virsh('destroy', g.domain)
-        rc = p.wait(timeout=60)
-        reader.join(10)
-        log(f'after virsh destroy: exit {rc}: {out[-1].strip()}')
-        check(rc == 0 and 'was shut down' in out[-1],
-              f'after destroy: exit {rc}, {out[-1:]}')
+                  f'{svc.out[n:]}')
+        check(any(m.startswith('STATUS=limit') for _, m in svc.notify.msgs),
+              f'no STATUS= sent: {svc.notify.msgs}')
     finally:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            p.wait(timeout=10)
-        notify.close()
-        shutil.rmtree(run, ignore_errors=True)
-        for line in out:
-            log(f'  journal | {line.rstrip()}')
-    return journal
+        svc.stop()
+
+
+def oom_kill_reported(daemon, g, run):
+    """A domain OOM-killed under the service ends it with exit 8 and the
+    kernel's word for it (libvirt has removed the domain's cgroup by
+    then).  To get there the operator's options are wrong on purpose
+    (--base 64M, below the boot RAM) and the test holds the VM's lock, so
+    that the service cannot raise the limit for the grow."""
+    svc = Service(daemon, g, run, opts='--base 64M --margin 32M')
+    uuid = daemon.virsh('domuuid', g.domain).strip()
+    try:
+        svc.start()
+        limit = memtune(daemon, g.domain)[0]
+        fd = os.open(os.path.join(run, f'domain-{uuid}.lock'),
+                     os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            g.update_memory_device(1 * GiB)
+            poll(lambda: g.memory_device_info()['size'] == 1 * GiB, 120,
+                 'the device to grow')
+            g.wait_guest_at_rest(120)
+            log(f'hard_limit {limit / MiB:.1f} MiB, grown to 1 GiB, the '
+                'guest writes 1000 MiB')
+            with contextlib.suppress(HarnessError, OSError):
+                g.run('mkdir -p /mnt/fill && mount -t tmpfs -o size=1100m '
+                      'fill /mnt/fill && dd if=/dev/zero of=/mnt/fill/f '
+                      'bs=1M count=1000', timeout=120)
+            poll(lambda: 'shut off' in daemon.virsh('domstate', g.domain),
+                 60, 'the domain to stop')
+        finally:
+            os.close(fd)
+        rc = svc.wait(60)
+        log(f'service: exit {rc}: {svc.out[-1].strip()}')
+        check(rc == 8 and 'OOM-killed' in svc.out[-1] and
+              'Killed process' in svc.out[-1],
+              f'exit {rc}: {svc.out[-1:]}')
+    finally:
+        svc.stop()
+
+
+def restarted_then_destroyed(daemon, g, run):
+    """The domain started again and the service restarted (as
+    Restart=on-failure does): a new run of the VM, so the base kept for
+    the old one is not taken; `virsh destroy` then ends it with exit 0."""
+    g.ctl.close()
+    g._buf = b''        # pylint: disable=protected-access
+    daemon.virsh('start', g.domain)
+    g.connect_ctl(g.ctl_path)
+    svc = Service(daemon, g, run)
+    try:
+        svc.start()
+        base = [l for l in svc.out if l.startswith('base ')]
+        check(base and 'kept' not in base[0], f'base: {base}')
+        daemon.virsh('destroy', g.domain)
+        rc = svc.wait(60)
+        log(f'after virsh destroy: exit {rc}: {svc.out[-1].strip()}')
+        check(rc == 0 and 'was shut down' in svc.out[-1],
+              f'after destroy: exit {rc}, {svc.out[-1:]}')
+    finally:
+        svc.stop()
 
 
 def main():
@@ -234,11 +326,18 @@ def main():
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     t = Tests()
     t.case('systemd-analyze verify vmem-limit@.service', verify)
-    with Libvirtd() as daemon:
-        with LibvirtGuest(daemon, 'vmem-unit') as g:
+    run = tempfile.mkdtemp(prefix='vmem-limit-unit-run-')
+    try:
+        with Libvirtd() as daemon, LibvirtGuest(daemon, 'vmem-unit') as g:
             t.case('the unit\'s ExecStart follows a libvirt domain: READY=1 '
-                   'once set, a grow and a shrink by others, exit 0 at '
-                   'destroy', lambda: follow_domain(daemon, g))
+                   'once set, a grow and a shrink by others',
+                   lambda: follow_domain(daemon, g, run))
+            t.case('an OOM kill of the domain ends it with exit 8, said so',
+                   lambda: oom_kill_reported(daemon, g, run))
+            t.case('restarted with the domain, then virsh destroy: exit 0',
+                   lambda: restarted_then_destroyed(daemon, g, run))
+    finally:
+        shutil.rmtree(run, ignore_errors=True)
     t.done()
 
 

@@ -888,10 +888,12 @@ static void explain_loss(Ctx *c, const char *cmd, GError **errp)
     if (how) {
         GError *oom = g_error_new(VMEM_LIMIT_ERROR, VMEM_EXIT_OOM,
             "%s was OOM-killed (QEMU pid %d): %s.  The limit was %s.  "
-            "Unless the VM was grown without raising the limit first, "
-            "QEMU's own memory outgrew the base: raise --overhead or "
-            "--margin.  (%s)", c->t->what, c->t->pid, how, limit_s,
-            e->message);
+            "Unless the VM was grown without raising the limit first, %s.  "
+            "(%s)", c->t->what, c->t->pid, how, limit_s,
+            opt_base ? "--base was too low: it must hold the boot RAM and "
+                       "QEMU's own memory" :
+                       "QEMU's own memory outgrew the base: raise "
+                       "--overhead or --margin", e->message);
 
         g_clear_error(errp);
         g_propagate_error(errp, oom);
