@@ -20,6 +20,13 @@ ZONE_MOVABLE) and asserts at every settled step:
     memmap comes from boot RAM);
   - a clean guest log.
 
+On 6.1, where mm does not export whether memory_hotplug.memmap_on_memory
+is on and refuses MHP_MEMMAP_ON_MEMORY for more than one memory block,
+two more cases: with memory_hotplug.memmap_on_memory off, mm's -EINVAL on
+the first add turns memmap_on_memory off (said once), nothing else
+breaks and nothing is reported; in BBM (force_bbm=1) the driver never
+asks for it.
+
 VMTEST_KERNELS=6.1,7.3 limits the kernels (default: 6.1,6.12,7.3).
 """
 
@@ -27,7 +34,7 @@ import os
 
 import vmtest
 from scenarios import guest_for
-from vmtest import GiB, MiB, Tests, check, log
+from vmtest import QEMU, GiB, Guest, MiB, Tests, check, log
 
 MB = 128 * MiB          # Linux memory block on x86-64 (512 MiB guests)
 VMEMMAP = 2 * MiB       # memmap of one memory block
@@ -93,6 +100,59 @@ def cycle(kernel, arm):
     log(f'{release} {arm} ({module}): ' + '; '.join(steps))
 
 
+def plain_resizes(g, steps):
+    """Resize through steps with no memmap on added memory: size ==
+    requested, vmemmap-size 0, MemTotal gain == size, clean log."""
+    base = g.mem_total()
+    for req in steps:
+        g.resize(req)
+        size = g.qom_get('size')
+        gain = g.mem_total() - base
+        check(size == req, f'size {size >> 20} MiB != {req >> 20} MiB')
+        check(g.vmemmap_size() == 0,
+              f'vmemmap-size {g.vmemmap_size()} with no memmap on memory')
+        check(gain == size, f'MemTotal gain {gain >> 20} MiB != size')
+        bad = g.bad_log_lines()
+        check(not bad, 'guest log: ' + '\n'.join(bad))
+
+
+def said_once(g, line):
+    n = g.console().count(line)
+    check(n == 1, f'guest log says "{line}" {n} times, not once')
+
+
+REFUSED = ('memmap_on_memory: off (mm refused it: '
+           'memory_hotplug.memmap_on_memory is off or unsupported)')
+BBM_OFF = ('memmap_on_memory: off (big blocks, which this kernel does not '
+           'support it for)')
+
+
+def test_61_mm_refuses():
+    vmtest.GUEST = vmtest.guest_kit_dir('6.1')
+    dev = {'size': '4G', 'block_size': '2M', 'requested': 0,
+           'vmemmap_accounting': True}
+    # memory_hotplug.memmap_on_memory not given: Debian's 6.1 has it off.
+    with Guest('kern-6.1-mm-off', mem='512M', maxmem='80G', device=dev,
+               module='patched', qemu=QEMU) as g:
+        check(g.run('grep -q "^virtio_mem " /proc/modules')[0] == 0,
+              'virtio_mem-patched.ko not loaded')
+        plain_resizes(g, (1 * GiB, 256 * MiB, 0, 512 * MiB, 0))
+        said_once(g, REFUSED)
+        log('6.1, memory_hotplug.memmap_on_memory off: mm refused the '
+            'first add, the driver went on without memmap on memory')
+
+
+def test_61_bbm():
+    vmtest.GUEST = vmtest.guest_kit_dir('6.1')
+    with guest_for('project', 'kern-6.1-bbm', '512M', '4G',
+                   modparams={'force_bbm': 1}) as g:
+        check(not feature_negotiated(g),
+              'VIRTIO_MEM_F_VMEMMAP negotiated in BBM on 6.1')
+        plain_resizes(g, (1 * GiB, 0))
+        said_once(g, BBM_OFF)
+        log('6.1 BBM: no memmap on memory, resizes exact')
+
+
 def main():
     vmtest.require_kit()
     t = Tests()
@@ -100,6 +160,11 @@ def main():
         for arm in ('stock', 'project'):
             t.case(f'Linux {k}, {arm}: 0 -> 4 GiB -> 1 GiB -> 0',
                    lambda k=k, arm=arm: cycle(k, arm))
+    if '6.1' in KERNELS:
+        t.case('Linux 6.1, memory_hotplug.memmap_on_memory off: mm\'s '
+               '-EINVAL turns it off, nothing breaks', test_61_mm_refuses)
+        t.case('Linux 6.1, BBM: never asks mm for memmap on memory',
+               test_61_bbm)
     t.done()
 
 
