@@ -662,7 +662,8 @@ def main():
         log(f'measured base {base} ({info["base-source"]}), margin '
             f'{info["margin"]}, charge {info["charge"]}, '
             f'limit {info["limit"]}, {vm.limit_file()} (v{vm.cg.version})')
-        t.case('resize up and down keeps limit = base + size + headroom + margin',
+        t.case('resize up and down keeps limit = base + size + headroom '
+               '+ margin',
                lambda: resize_steps(vm, base))
         t.case('the tool holds the guest through grow, touch, shrink',
                lambda: hold_through_grow_touch_shrink(vm, base))

@@ -876,18 +876,29 @@ static void explain_loss(Ctx *c, const char *cmd, GError **errp)
     if (!e || !c->t || !g_error_matches(e, VMEM_LIMIT_ERROR, VMEM_EXIT_LOST)) {
         return;
     }
+    if (!c->limit) {
+        guint64 soft;
+
+        /* Not set yet: the cgroup may still tell (libvirt removes its). */
+        if (!c->t->get_limit(c->t, &c->limit, &soft, NULL)) {
+            c->limit = 0;
+        }
+    }
     limit_s = c->limit ? vmem_fmt_size(c->limit) : g_strdup("unknown");
     if (c->have_oom && c->t->oom_kills(c->t, &n, &where) &&
         n > c->oom_kills) {
         how = g_strdup_printf("oom_kill in %s rose from %" G_GUINT64_FORMAT
                               " to %" G_GUINT64_FORMAT, where, c->oom_kills,
                               n);
-    } else if ((kmsg = vmem_kmsg_oom_kill(c->t->pid))) {
-        how = g_strdup_printf("the kernel log says \"%s\"", kmsg);
+    } else {
+        kmsg = vmem_kmsg_oom_kill(c->t->pid);
+        how = kmsg ? g_strdup_printf("the kernel log says \"%s\"", kmsg)
+                   : NULL;
     }
     if (how) {
         GError *oom = g_error_new(VMEM_LIMIT_ERROR, VMEM_EXIT_OOM,
-            "%s was OOM-killed (QEMU pid %d): %s.  The limit was %s.  "
+            "the VM of %s was OOM-killed (QEMU pid %d): %s.  The limit was "
+            "%s.  "
             "Unless the VM was grown without raising the limit first, %s.  "
             "(%s)", c->t->what, c->t->pid, how, limit_s,
             opt_base ? "--base was too low: it must hold the boot RAM and "
