@@ -535,6 +535,24 @@ def instances_take_turns(vm, base):
     vm.g.wait_guest_at_rest()
 
 
+def restart_keeps_base(vm):
+    """A base once used for this run of the VM is kept (state file): a
+    later run that would work out less takes it, not its own figure."""
+    vm.tool('--overhead', '1G', 'follow', '--once')
+    high = vm.limit()
+    p = vm.tool('follow', '--once')
+    line = next(l for l in p.stdout.splitlines() if l.startswith('base '))
+    shown = vm.show()
+    log(f'after a run with --overhead 1G: limit {high >> 20} MiB; a run '
+        f'with the default overhead: {line}; limit {vm.limit() >> 20} MiB')
+    check('kept from an earlier run' in line and vm.limit() == high,
+          f'the second run lowered the limit {high} -> {vm.limit()}: {line}')
+    check(shown['base'] == shown['wanted'] - shown['headroom'] -
+          shown['margin'] - shown['devices'] and
+          shown['base'] >= 512 * MiB + 1 * GiB,
+          f'show: base {shown["base"]}')
+
+
 def lost_in_follow(vm, base):
     p = vm.popen('--base', str(base), 'follow')
     out = p.out
@@ -684,6 +702,8 @@ def main():
                'each told, nothing sent', lambda: qmp_socket_errors(vm))
         t.case('instances on one VM take turns; one follow per VM',
                lambda: instances_take_turns(vm, base))
+        t.case('a restart never lowers the base: kept for this run of '
+               'the VM', lambda: restart_keeps_base(vm))
         t.case('follow: QMP lost is exit 4, limit unchanged',
                lambda: lost_in_follow(vm, base))
     t.case('the same limit raised only after growing: OOM kill, reported '
