@@ -11,16 +11,18 @@ SeaBIOS, SeaVGABIOS, the iPXE option ROM and kvmvapic.bin found through the
 package's data directories), `vmem-limit --help` and `man` on its page,
 then runs tests/guest/test_libvirt.py with the installed binaries
 (VMTEST_QEMU=/usr/bin/qemu-system-x86_64-vmemmap,
-VMTEST_VMEM_LIMIT=/usr/bin/vmem-limit).  Finally it purges the package,
+VMTEST_VMEM_LIMIT=/usr/bin/vmem-limit), and the unit's test
+tests/tools/test_vmem_limit_unit.py, whose ExecStart then runs the
+installed /usr/bin/vmem-limit (the installed unit must equal
+tools/vmem-limit/vmem-limit@.service).  Finally it purges the package,
 with any dependency the install pulled in, and checks that nothing of it is
 left and that Debian's own QEMU, its data and firmware packages are as they
 were (dpkg --verify, file lists, versions).  The purge also runs when a
 step fails or the test is stopped.
 
-HOST_DEB=PATH tests that package instead of building one.  Hook for the
-unit: while the package is installed, VMTEST_VMEM_LIMIT_UNIT names the
-installed /lib/systemd/system/vmem-limit@.service in the libvirt test's
-environment.
+HOST_DEB=PATH tests that package instead of building one.  Both tests
+run with VMTEST_VMEM_LIMIT_UNIT=/lib/systemd/system/vmem-limit@.service
+in their environment, for a test that wants the installed unit's path.
 """
 
 import glob
@@ -271,21 +273,21 @@ def man_page():
         f'{text.splitlines()[0].strip()}')
 
 
-def libvirt_end_to_end():
-    env = dict(os.environ, VMTEST_QEMU=QEMU, VMTEST_VMEM_LIMIT=TOOL,
-               VMTEST_VMEM_LIMIT_UNIT=UNIT)
-    t0 = time.monotonic()
-    p = subprocess.Popen(
-        [sys.executable, os.path.join(TOP, 'tests', 'guest',
-                                      'test_libvirt.py')],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def run_test(path, env):
+    """Run another test file of the project, its TAP indented; returns
+    its exit status and output.  Stopped early, it is stopped too (the
+    guest tests stop their domains and daemons on SIGTERM) before the
+    package goes."""
+    p = subprocess.Popen([sys.executable, path], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True)
+    out = []
     try:
         for line in p.stdout:
+            out.append(line)
             print(f'    {line.rstrip()}', flush=True)
         st = p.wait()
     finally:
-        # Stopped early: the libvirt test stops its domain and daemon on
-        # SIGTERM, before the package goes.
         if p.poll() is None:
             p.terminate()
             try:
@@ -293,9 +295,37 @@ def libvirt_end_to_end():
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+    return st, ''.join(out)
+
+
+# The installed binaries, and the installed unit for a test of the unit.
+TEST_ENV = dict(os.environ, VMTEST_QEMU=QEMU, VMTEST_VMEM_LIMIT=TOOL,
+                VMTEST_VMEM_LIMIT_UNIT=UNIT)
+
+
+def libvirt_end_to_end():
+    t0 = time.monotonic()
+    st, _ = run_test(os.path.join(TOP, 'tests', 'guest', 'test_libvirt.py'),
+                     TEST_ENV)
     check(st == 0, f'tests/guest/test_libvirt.py with {QEMU} exited {st}')
     log(f'libvirt end-to-end with the package: passed '
         f'({time.monotonic() - t0:.0f}s)')
+
+
+def unit_end_to_end():
+    """The unit's own test, with the package installed: the unit's
+    ExecStart runs /usr/bin/vmem-limit from the package."""
+    src = os.path.join(TOP, 'tools', 'vmem-limit', 'vmem-limit@.service')
+    with open(UNIT) as a, open(src) as b:
+        check(a.read() == b.read(), f'{UNIT} differs from {src}: the '
+              'package is older than the checkout; run "make deb"')
+    t0 = time.monotonic()
+    st, out = run_test(os.path.join(TOP, 'tests', 'tools',
+                                    'test_vmem_limit_unit.py'), TEST_ENV)
+    check(st == 0, f'tests/tools/test_vmem_limit_unit.py exited {st}')
+    check(f'ExecStart: {TOOL} ' in out and 'is not installed' not in out,
+          f'the unit did not run the installed {TOOL}')
+    log(f'the unit with the package: passed ({time.monotonic() - t0:.0f}s)')
 
 
 def purged(before_debian):
@@ -342,6 +372,8 @@ def main():
         t.case('man vmem-limit renders', man_page)
         t.case('libvirt end-to-end test with the installed emulator and '
                'vmem-limit', libvirt_end_to_end)
+        t.case('the unit\'s test (tests/tools/test_vmem_limit_unit.py) '
+               'with the installed unit and vmem-limit', unit_end_to_end)
     t.case("purge leaves nothing; Debian's QEMU untouched",
            lambda: purged(before_debian))
     t.done()
