@@ -21,6 +21,7 @@ the same scenarios against that build (the previous tool fails all three).
 
 import contextlib
 import os
+import re
 import sys
 import time
 
@@ -128,10 +129,25 @@ def restart_after_resize_stock_qemu(vm):
 
 # --- 3 --------------------------------------------------------------------
 
-def grow_by_another_right_after_lowering(vm):
+def reset_peak(vm):
+    """Start the cgroup's peak afresh; False where the kernel cannot."""
+    name = 'memory.peak' if vm.cg.version == 2 else \
+        'memory.max_usage_in_bytes'
+    try:
+        with open(os.path.join(vm.cg.path, name), 'w') as f:
+            f.write('0\n')
+        return True
+    except OSError:
+        return False
+
+
+def grow_by_another_right_after_lowering(vm, *opts, what='reproducer 3'):
+    """follow (with opts) runs; someone else grows to 512 MiB, shrinks to
+    0 and, 2 ms after follow lowered the limit, sets 8 GiB.  Returns the
+    limit and headroom follow lowered to and the peak charge after."""
     no_swap(vm)
-    p = vm.popen('follow')
-    lowered = lowered_at = None
+    p = vm.popen(*opts, 'follow')
+    lowered = lowered_at = headroom = peak = None
     try:
         poll(lambda: any('following' in l for l in p.out), 30,
              'follow to start')
@@ -139,22 +155,33 @@ def grow_by_another_right_after_lowering(vm):
         vm.g.resize(512 * MiB)
         poll(lambda: any('raised' in l for l in p.out[n:]), 10,
              'follow to raise after the grow to 512 MiB')
-        vm.g.qom_set('requested-size', 0)
         n = len(p.out)
-        poll(lambda: any('lowered' in l for l in p.out[n:]), 60,
-             'follow to lower the limit after the shrink', interval=0.001,
-             backoff=False)
+        vm.g.qom_set('requested-size', 0)
+
+        def lowered_for_zero():
+            # follow prints the devices it read, then what it did
+            lines = p.out[n:]
+            return any(a.startswith('device vm0: size 0.0 MiB') and
+                       b.startswith('lowered')
+                       for a, b in zip(lines, lines[1:]))
+        poll(lowered_for_zero, 60, 'follow to lower the limit once the '
+             'shrink to 0 settled', interval=0.001, backoff=False)
         lowered = vm.limit()
+        reset = reset_peak(vm)
         # The scenario's own 2 ms, not a wait for anything.
         time.sleep(0.002)
         vm.g.qom_set('requested-size', 8 * GiB)
         lowered_at = time.monotonic()
+        line = [l for l in p.out[n:] if l.startswith('lowered')][-1]
+        m = re.search(r'headroom ([\d.]+) MiB', line)
+        headroom = float(m.group(1)) * MiB if m else None
 
         def settled_or_dead():
             return not vm.g.vm.is_running() or \
                 vm.g.qom_get('size') == 8 * GiB
         with contextlib.suppress(Exception):
             poll(settled_or_dead, 180, 'size 8 GiB or QEMU gone')
+        peak = vm.peak() if reset else None
         if vm.g.vm.is_running():
             vm.g.wait_guest_at_rest(180)
             poll(lambda: vm.limit() >= vm.g.charge() and
@@ -164,14 +191,38 @@ def grow_by_another_right_after_lowering(vm):
         finish(p, 10)
     for line in p.out:
         log(f'  | {line.rstrip()}')
-    verdict(vm, 'reproducer 3', **{'limit lowered to': mib(lowered),
-                                   'grown to 8 GiB; limit now':
-                                   mib(vm.limit() if vm.g.vm.is_running()
-                                       else None),
-                                   'seconds after the grow':
-                                   f'{time.monotonic() - lowered_at:.1f}'
-                                   if lowered_at else '?',
-                                   'peak': mib(vm.peak())})
+    verdict(vm, what, **{'limit lowered to': mib(lowered),
+                         'its headroom': 'none' if headroom is None
+                         else mib(headroom),
+                         'grown to 8 GiB; limit now':
+                         mib(vm.limit() if vm.g.vm.is_running() else None),
+                         'seconds after the grow':
+                         f'{time.monotonic() - lowered_at:.1f}'
+                         if lowered_at else '?',
+                         'peak charge while it grew': mib(peak)})
+    return lowered, headroom, peak
+
+
+def headroom_alone(vm):
+    """Reproducer 3 with no slack but the headroom and the margin's floor:
+    the base as measured (--overhead 0; case 1 left the guest's boot RAM
+    written full), --margin 32M.  The charge must rise above what the
+    limit would have been without the headroom: the headroom is what held
+    the memmap the guest wrote before follow raised."""
+    vm.g.resize(0, timeout=300)
+    # A state directory of its own: the base case 3 kept is not taken.
+    state = os.path.join(vm.dir, 'headroom-alone')
+    lowered, headroom, peak = grow_by_another_right_after_lowering(
+        vm, '--overhead', '0', '--margin', '32M', '--state-dir', state,
+        what='headroom alone')
+    if peak is None:
+        raise HarnessError('this kernel cannot reset the cgroup\'s peak: '
+                           'the headroom\'s use cannot be shown')
+    log(f'headroom alone: without it the limit would have been '
+        f'{mib(lowered - headroom)}; the charge peaked at {mib(peak)}')
+    check(peak > lowered - headroom,
+          f'the charge ({mib(peak)}) stayed under the limit without '
+          f'headroom ({mib(lowered - headroom)}): nothing shown')
 
 
 def main():
@@ -200,6 +251,9 @@ def main():
                'follow lowered: no OOM kill',
                lambda: grow_by_another_right_after_lowering(
                    fork_guest('oom-r3')))
+        t.case('3 with no slack but the headroom (measured base, margin '
+               '32M): no OOM kill, the headroom used',
+               lambda: headroom_alone(fork_guest('oom-r3')))
     finally:
         if guest[0]:
             guest[0].__exit__(None, None, None)
