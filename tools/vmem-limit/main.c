@@ -391,7 +391,11 @@ static gboolean compute_base(Ctx *c, GPtrArray *devs, GError **errp)
     return TRUE;
 }
 
-/* Keeps base for the next run on this VM, once a limit was set with it. */
+/*
+ * Keeps base for the next run on this VM, before a limit is set with it:
+ * a failure to keep it then changes nothing, and a base kept but not
+ * used is no lower than one that is.
+ */
 static gboolean keep_base(Ctx *c, GError **errp)
 {
     if (opt_base || c->dry_run || c->base <= c->kept) {
@@ -683,7 +687,7 @@ static int cmd_resize(Ctx *c, const char *id, const char *size_arg,
                     id, req_s, blk_s, max_s);
         return 1;
     }
-    if (!compute_base(c, devs, errp)) {
+    if (!compute_base(c, devs, errp) || !keep_base(c, errp)) {
         return 1;
     }
     /* 1. Room for max(size, req) before the device is asked for it. */
@@ -700,9 +704,6 @@ static int cmd_resize(Ctx *c, const char *id, const char *size_arg,
             return 1;
         }
         raised = !c->dry_run;
-        if (raised && !keep_base(c, errp)) {
-            return 1;
-        }
     }
 
     /* 2. The resize. */
@@ -753,8 +754,7 @@ static int cmd_resize(Ctx *c, const char *id, const char *size_arg,
     }
     g_free(why);
     why = g_strdup_printf("%s settled at %s", id, req_s);
-    if (!apply_limit(c, wanted_limit(c, devs, NULL, 0), why, errp) ||
-        !keep_base(c, errp)) {
+    if (!apply_limit(c, wanted_limit(c, devs, NULL, 0), why, errp)) {
         return 1;
     }
     vmem_state_unlock(c->state);
@@ -781,8 +781,8 @@ static int cmd_follow(Ctx *c, GError **errp)
     for (i = 0; i < devs->len; i++) {
         print_device(devs->pdata[i]);
     }
-    if (!apply_limit(c, want, "follow: devices now", errp) ||
-        !keep_base(c, errp) ||
+    if (!keep_base(c, errp) ||
+        !apply_limit(c, want, "follow: devices now", errp) ||
         !c->t->get_limit(c->t, &hard, &soft, errp)) {
         return 1;
     }
