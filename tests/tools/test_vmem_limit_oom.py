@@ -225,6 +225,26 @@ def headroom_alone(vm):
           f'headroom ({mib(lowered - headroom)}): nothing shown')
 
 
+def follow_ends_at_shutdown(vm):
+    """QEMU asked to quit sends SHUTDOWN before it closes QMP: follow
+    says the VM was shut down and exits 0, the limit left as it was."""
+    p = vm.popen('follow')
+    try:
+        poll(lambda: any('following' in l for l in p.out), 30,
+             'follow to start')
+        limit = vm.limit()
+        vm.g.vm.shutdown()
+        rc = finish(p, 30)
+    finally:
+        if p.poll() is None:
+            p.terminate()
+            finish(p, 10)
+    log(f'follow after QMP quit: exit {rc}: {p.out[-1].strip()}')
+    check(rc == 0 and 'was shut down' in p.out[-1] and
+          'stays at' in p.out[-1], f'exit {rc}: {p.out[-1:]} {p.err}')
+    check(vm.limit() == limit, f'limit {vm.limit()} != {limit}')
+
+
 def main():
     require_kit()
     if not os.access(TOOL, os.X_OK):
@@ -258,14 +278,15 @@ def main():
         if guest[0]:
             guest[0].__exit__(None, None, None)
 
-    def stock():
-        # Stock QEMU cannot tell the guest's memmap apart: kept in boot RAM
-        # (the harness's at-rest rule needs MemTotal = boot + size).
-        with Vm('oom-r2', device=STOCK_DEVICE, qemu=STOCK_QEMU,
-                memmap_on_memory=False) as vm:
-            restart_after_resize_stock_qemu(vm)
-    t.case('2: stock QEMU, resize 1G, follow --once again, the guest '
-           'writes 1000 MiB: no OOM kill, limit not lowered', stock)
+    # Stock QEMU cannot tell the guest's memmap apart: kept in boot RAM
+    # (the harness's at-rest rule needs MemTotal = boot + size).
+    with Vm('oom-r2', device=STOCK_DEVICE, qemu=STOCK_QEMU,
+            memmap_on_memory=False) as vm:
+        t.case('2: stock QEMU, resize 1G, follow --once again, the guest '
+               'writes 1000 MiB: no OOM kill, limit not lowered',
+               lambda: restart_after_resize_stock_qemu(vm))
+        t.case('follow ends with exit 0 when QEMU is shut down (QMP quit)',
+               lambda: follow_ends_at_shutdown(vm))
     t.done()
 
 

@@ -912,7 +912,8 @@ static void explain_loss(Ctx *c, const char *cmd, GError **errp)
         return;
     }
     if (c->t->shut_down && !strcmp(cmd, "follow")) {
-        say("%s was shut down; the limit stays at %s", c->t->what, limit_s);
+        say("%s: the VM was shut down; the limit stays at %s", c->t->what,
+            limit_s);
         g_clear_error(errp);
     }
 }
