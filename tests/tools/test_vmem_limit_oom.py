@@ -15,7 +15,10 @@ guest and an 8 GiB virtio-mem device:
 
 Each passes when QEMU is alive, the cgroup counted no OOM kill and the
 limit covers what the VM holds; each logs the limits before and after and
-the oom_kill count.  VMEM_LIMIT_TOOL=/path/to/an/older/vmem-limit runs
+the oom_kill count.  Also: 3 again with no slack but the headroom (a
+measured base, --margin 32M), where the charge must rise above what the
+limit would be without it; and follow ending with exit 0 when QEMU is
+shut down through QMP.  VMEM_LIMIT_TOOL=/path/to/an/older/vmem-limit runs
 the same scenarios against that build (the previous tool fails all three).
 """
 
