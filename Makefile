@@ -9,7 +9,7 @@ all:
 qemu:
 	./scripts/build-qemu
 guest:
-	./scripts/build-guest
+	./scripts/build-guest --all
 tools:
 	./scripts/build-tools
 check:
