@@ -537,7 +537,15 @@ def test_misplaced_at_add():
     # block, as if mm had placed one page more memmap than the driver
     # computed: the driver must see it in MEM_GOING_ONLINE, refuse the
     # block, remove and unplug it, and go on without memmap_on_memory.
-    with guest_for('project', 'drv-misplaced-add', '512M', '2G') as g:
+    # SBM and BBM.
+    for bbm in (False, True):
+        misplaced_at_add(bbm)
+
+
+def misplaced_at_add(bbm):
+    mode = 'bbm' if bbm else 'sbm'
+    with guest_for('project', f'drv-misplaced-add-{mode}', '512M', '2G',
+                   modparams={'force_bbm': 1} if bbm else None) as g:
         base = g.mem_total()
         fault(g, skew_pages=1)
         g.resize(512 * MiB)
@@ -550,8 +558,8 @@ def test_misplaced_at_add():
               f'blocks left offline: {memory_blocks(g, "offline")}')
         g.resize(0)
         expect_state(g, base, 0, memmap=0, reported=0)
-        log('mm placed one page more: block refused, removed, 512 MiB '
-            'plugged without memmap_on_memory, accounting exact')
+        log(f'{mode}: mm placed one page more: block refused, removed, '
+            '512 MiB plugged without memmap_on_memory, accounting exact')
 
 
 def test_misplaced_user_online():
@@ -561,9 +569,16 @@ def test_misplaced_user_online():
     # remove every block not onlined with the memmap it computed (none
     # may stay added, never onlinable, counting against the offline
     # threshold), plug again without memmap_on_memory, and those blocks
-    # online fine.
-    with guest_for('project', 'drv-misplaced-user', '512M', '2G',
-                   online='offline') as g:
+    # online fine.  SBM and BBM.
+    for bbm in (False, True):
+        misplaced_user_online(bbm)
+
+
+def misplaced_user_online(bbm):
+    mode = 'bbm' if bbm else 'sbm'
+    with guest_for('project', f'drv-misplaced-user-{mode}', '512M', '2G',
+                   online='offline',
+                   modparams={'force_bbm': 1} if bbm else None) as g:
         base = g.mem_total()
         plug_offline(g, 512 * MiB)
         first = memory_blocks(g, 'offline')
@@ -587,9 +602,9 @@ def test_misplaced_user_online():
         expect_state(g, base, 512 * MiB, memmap=0, reported=0)
         g.resize(0)
         expect_state(g, base, 0, memmap=0, reported=0)
-        log(f'user space onlined block {first[0]} with a misplaced memmap: '
-            'refused, all 4 blocks replaced by blocks without memmap, '
-            'onlined, accounting exact')
+        log(f'{mode}: user space onlined block {first[0]} with a misplaced '
+            'memmap: refused, all 4 blocks replaced by blocks without '
+            'memmap, onlined, accounting exact')
 
 
 def test_other_block_not_blamed():
