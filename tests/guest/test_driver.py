@@ -750,6 +750,36 @@ def test_reports_while_unplug_busy():
         trace.remove()
 
 
+GIGANTIC = '/sys/kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages'
+
+
+def test_gigantic_pages():
+    # D8 (documented): the memmap at each block's start keeps 1 GiB
+    # HugeTLB pages off memory the driver hot-added to ZONE_NORMAL.  The
+    # stock driver beside it shows that such memory does hold one
+    # otherwise.  The CPU model gets pdpe1gb, for 1 GiB pages.
+    got = {}
+    for arm in ('stock', 'project'):
+        with guest_for(arm, f'drv-gigantic-{arm}', '1G', '4G',
+                       online='online_kernel',
+                       extra_args=['-cpu',
+                                   'qemu64,phys-bits=40,pdpe1gb=on']) as g:
+            # Boot RAM alone holds none.
+            boot = int(g.run(f'echo 2 > {GIGANTIC}; cat {GIGANTIC}',
+                             check=True, timeout=600)[1])
+            check(boot == 0, f'{arm}: {boot} 1 GiB pages from boot RAM')
+            g.resize(2 * GiB)
+            got[arm] = int(g.run(f'echo 2 > {GIGANTIC}; cat {GIGANTIC}',
+                                 check=True, timeout=600)[1])
+    log(f'1 GiB pages allocated (none before the plug), after 2 GiB '
+        f'hot-added to ZONE_NORMAL: stock {got["stock"]}, project '
+        f'{got["project"]}')
+    check(got['stock'] >= 1, 'stock: no 1 GiB page from hot-added memory, '
+          'the test cannot tell the arms apart')
+    check(got['project'] == 0, f'project: {got["project"]} 1 GiB pages '
+          'with memmap on every block')
+
+
 BIG_MB = 2 * GiB                 # memory block with >= 64 GiB of boot RAM
 BIG_VMEMMAP = 32 * MiB           # its memmap
 
@@ -837,6 +867,8 @@ def main():
            test_reports_while_unplug_busy)
     t.case('D7: 2 GiB memory blocks, 32 MiB of memmap each',
            test_big_blocks)
+    t.case('D8: no 1 GiB pages on hot-added ZONE_NORMAL memory (stock '
+           'beside it)', test_gigantic_pages)
     t.case('128 MiB guest plugs 16 GiB (stock measured beside it)',
            test_capacity)
     t.done()
