@@ -183,10 +183,18 @@ gboolean cgroup_get_limit(Cgroup *cg, guint64 *hard, guint64 *soft,
  * Raising writes the hard limit first, lowering the soft one first, so
  * that at no moment is memory.high above memory.max; if the second write
  * fails, the first is undone.
+ *
+ * Lowering on v2 also reads the charge again between the two writes.
+ * v1 refuses a limit below the charge (EBUSY); v2 takes any memory.max,
+ * reclaims, and OOM-kills in the cgroup what does not fit.  The caller
+ * checked the charge, but the VM may have grown since: memory.high, once
+ * written, throttles growth above it and never kills, so the charge read
+ * after it is the one memory.max must hold.  Where it does not fit, the
+ * lowering is refused as v1 would, memory.high put back.
  */
 gboolean cgroup_set_limit(Cgroup *cg, guint64 bytes, GError **errp)
 {
-    guint64 hard, soft;
+    guint64 hard, soft, charge = 0;
 
     if (!cgroup_get_limit(cg, &hard, &soft, errp)) {
         return FALSE;
@@ -205,6 +213,25 @@ gboolean cgroup_set_limit(Cgroup *cg, guint64 bytes, GError **errp)
         return TRUE;
     }
     if (!cgroup_write(cg, cg->soft_file, bytes, errp)) {
+        return FALSE;
+    }
+    if (!cgroup_read(cg, cg->charge_file, &charge, errp)) {
+        cgroup_write(cg, cg->soft_file, soft, NULL);
+        return FALSE;
+    }
+    if (charge > bytes) {
+        g_autofree char *path = g_build_filename(cg->dir, cg->limit_file,
+                                                 NULL);
+        g_autofree char *bytes_s = vmem_fmt_size(bytes);
+        g_autofree char *charge_s = vmem_fmt_size(charge);
+
+        cgroup_write(cg, cg->soft_file, soft, NULL);
+        g_set_error(errp, VMEM_LIMIT_ERROR, VMEM_EXIT_BELOW_CHARGE,
+                    "not lowering %s to %s: the charge (%s) grew to %s "
+                    "meanwhile, above it, and cgroup v2 would OOM-kill the "
+                    "VM for it; raise --margin or --base, or let the guest "
+                    "free memory first", path, bytes_s, cg->charge_file,
+                    charge_s);
         return FALSE;
     }
     if (!cgroup_write(cg, cg->limit_file, bytes, errp)) {
