@@ -473,6 +473,15 @@ static gboolean apply_limit(Ctx *c, guint64 want, const char *why,
         return FALSE;
     }
     c->limit = want;
+    /* The hard limit was right, the soft one (v2's memory.high) not. */
+    if (c->t->soft_name && soft != hard) {
+        g_autofree char *soft_s = vmem_fmt_size(soft);
+        char *both = g_strdup_printf("%s (%s %s)", hard_s, c->t->soft_name,
+                                     soft_s);
+
+        g_free(hard_s);
+        hard_s = both;
+    }
     say("%s %s from %s to %s (%s); charge %s, headroom %s",
         want > hard ? "raised" : want < hard ? "lowered" : "set",
         c->t->limit_name, hard_s, want_s, why, charge_s, head_s);
