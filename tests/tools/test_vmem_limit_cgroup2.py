@@ -27,10 +27,17 @@ the process behind the QMP socket that the tool checks (SO_PEERCRED).
 5. a limit below the charge (--base too low for what the stand-in
    holds): refused, exit 7 with its message, memory.max and memory.high
    unchanged, no OOM kill;
-6. follow: a resize by another QMP client and memory.high lowered by
-   hand are set right;
-7. the stand-in outgrows the limit: the kernel OOM-kills it, and follow
+6. the charge rises between the tool's reading and its lowering (the
+   charge_on_open.c fault: 96 MiB charged as the tool opens memory.high):
+   v2 would take the lower memory.max and OOM-kill, so the tool must read
+   the charge again and refuse (exit 7), nothing killed;
+7. follow: a resize by another QMP client and memory.high lowered by
+   hand are set right, the line saying what memory.high was;
+8. the stand-in outgrows the limit: the kernel OOM-kills it, and follow
    exits 8 naming memory.events' oom_kill count and the limit met.
+
+VMEM_LIMIT_TOOL=PATH runs another build of the tool (the one before the
+v2 re-read of the charge fails case 6 with oom_kill 1).
 """
 
 import json
@@ -51,6 +58,7 @@ from vmtest import (BUILD, MiB, TOP, HarnessError, SystemdGuest,  # noqa: E402
 
 TOOL = os.environ.get('VMEM_LIMIT_TOOL') or os.path.join(BUILD, 'vmem-limit')
 STANDIN = os.path.join(TOP, 'tests', 'tools', 'qmp_standin.py')
+SHIM = os.path.join(TOP, 'tests', 'tools', 'charge_on_open.c')
 EXIT = {'usage': 1, 'permission': 2, 'cgroup': 3, 'lost': 4, 'refused': 5,
         'timeout': 6, 'below': 7, 'oom': 8}
 
@@ -70,6 +78,8 @@ MAX_SIZE = 512 * MiB
 OVERHEAD = 256 * MiB
 MARGIN = 64 * MiB
 BASE = BOOT_RAM + OVERHEAD
+# What the guest charges while the tool lowers the limit.
+RISE = 96 * MiB
 REFUSAL = 'virtio-mem device cannot get resized while migration is running'
 
 
@@ -142,10 +152,12 @@ def limits(g):
     return f['memory.max'], f['memory.high']
 
 
-def tool(g, *args, expect=0, sock=SOCK, cg=CG):
-    """Run the tool in the guest: (stdout, stderr), exit status checked."""
-    cmd = (f'{GTOOL} --state-dir {STATE} -q {sock} -c {cg} '
-           + ' '.join(args) + ' 2> /tmp/vl.err; rc=$?; echo @@STDERR@@; '
+def tool(g, *args, expect=0, sock=SOCK, cg=CG, pre=''):
+    """Run the tool in the guest: (stdout, stderr, status), the status
+    checked unless expect is None.  pre: shell words before it, in the
+    subshell that runs it."""
+    cmd = (f'({pre} exec {GTOOL} --state-dir {STATE} -q {sock} -c {cg} '
+           + ' '.join(args) + ') 2> /tmp/vl.err; rc=$?; echo @@STDERR@@; '
            'cat /tmp/vl.err; exit $rc')
     st, out = g.run(cmd, timeout=300)
     stdout, _, stderr = out.partition('@@STDERR@@\n')
@@ -153,9 +165,9 @@ def tool(g, *args, expect=0, sock=SOCK, cg=CG):
         log(f'  | {line}')
     for line in stderr.splitlines():
         log(f'  ! {line}')
-    check(st == expect, f'vmem-limit {" ".join(args)}: exit {st}, expected '
-          f'{expect}\n{stderr}')
-    return stdout, stderr
+    check(expect is None or st == expect, f'vmem-limit {" ".join(args)}: '
+          f'exit {st}, expected {expect}\n{stderr}')
+    return stdout, stderr, st
 
 
 def call(g, cmd, args=None, sock=SOCK, check_=True):
@@ -217,7 +229,7 @@ def other_cgroups(g, st):
     cg2, sock2 = f'{PARENT}/vm2', '/run/vm2.qmp'
     pid2 = start_standin(g, cg2, sock2, touched=0)
     try:
-        _, err = tool(g, 'show', sock=sock2, expect=EXIT['usage'])
+        _, err, _ = tool(g, 'show', sock=sock2, expect=EXIT['usage'])
         check(f'belongs to QEMU pid {pid2}, which is not in cgroup {CG} '
               f'(nor below it) but in {cg2}' in err, f'message: {err}')
     finally:
@@ -231,7 +243,7 @@ def other_cgroups(g, st):
     try:
         check(sh(g, f'cat {sub}/cgroup.controllers').strip() == '',
               f'{sub} has controllers')
-        _, err = tool(g, 'show', cg=sub, expect=EXIT['cgroup'])
+        _, err, _ = tool(g, 'show', cg=sub, expect=EXIT['cgroup'])
         check(f'{sub} is not a memory cgroup' in err and
               'cgroup.subtree_control' in err, f'message: {err}')
     finally:
@@ -242,7 +254,7 @@ def other_cgroups(g, st):
 def refused_resize(g, st):
     call(g, 'x-refuse-resize', {'desc': REFUSAL})
     try:
-        out, err = tool(g, 'resize', 'vm0', '256M', expect=EXIT['refused'])
+        out, err, _ = tool(g, 'resize', 'vm0', '256M', expect=EXIT['refused'])
     finally:
         call(g, 'x-refuse-resize', {'desc': None})
     during = want(BASE, 256 * MiB)
@@ -258,7 +270,7 @@ def refused_resize(g, st):
 def resize_steps(g, st):
     c0 = charge(g)
     for req in (256 * MiB, 64 * MiB):
-        out, _ = tool(g, 'resize', 'vm0', str(req))
+        out, _, _ = tool(g, 'resize', 'vm0', str(req))
         c = charge(g)
         lim = want(BASE, req)
         log(f'resize to {req >> 20} MiB: memory.max, memory.high '
@@ -284,7 +296,7 @@ def below_charge(g, st):
     c = charge(g)
     low = want(64 * MiB, 64 * MiB)
     check(c > low, f'charge {c} not above {low}: nothing to refuse')
-    _, err = tool(g, '--base', '64M', 'follow', '--once',
+    _, err, _ = tool(g, '--base', '64M', 'follow', '--once',
                   expect=EXIT['below'])
     m = re.search(rf'not lowering memory.max and memory.high of cgroup {CG} '
                   rf'\(v2\) from ([\d.]+ MiB) to ([\d.]+ MiB): the charge '
@@ -301,6 +313,38 @@ def below_charge(g, st):
     events = cgfiles(g, 'memory.events')['memory.events']
     check(oom_kills(g) == 0 and ' max 0 ' in f' {events} ',
           f'memory.events: {events}')
+
+
+def charge_rises_while_lowering(g, st):
+    """v2 never refuses a memory.max below the charge (v1 says EBUSY): it
+    reclaims, then OOM-kills.  The charge rises after the tool has read
+    it, as the tool opens memory.high to lower the limit (the
+    charge_on_open.so fault, in the tool run in the VM's cgroup): the
+    tool must find it and refuse, not have the kernel kill the VM."""
+    before = limits(g)
+    c = charge(g)
+    held = 64 * MiB
+    # A base that puts the new limit 32 MiB above the charge now.
+    base = (c + 32 * MiB - held - page_up((MAX_SIZE - held) // 64)
+            - MARGIN) // MiB * MiB
+    low = want(base, held)
+    check(c < low < c + RISE, f'charge {c}, new limit {low}')
+    _, err, rc = tool(g, '--base', str(base), 'follow', '--once',
+                      expect=None,
+                      pre=f'echo $BASHPID > {CG}/cgroup.procs && '
+                      f'CHARGE_ON_OPEN=memory.high CHARGE_BYTES={RISE} '
+                      f'LD_PRELOAD={MNT}/charge_on_open.so')
+    events = cgfiles(g, 'memory.events')['memory.events']
+    log(f'limit {before[0]}, lowering to {low} with the charge at {c}, '
+        f'{RISE >> 20} MiB more charged meanwhile: exit {rc}, limits now '
+        f'{limits(g)}, memory.events: {events}')
+    check(rc == EXIT['below'], f'exit {rc}, expected {EXIT["below"]}')
+    check(oom_kills(g) == 0, f'the lowering OOM-killed in the cgroup: '
+          f'{events}')
+    check(limits(g) == before, f'limits {limits(g)} != {before}')
+    check('not lowering' in err and 'memory.current' in err,
+          f'message: {err}')
+    call(g, 'x-stats')
 
 
 def follow_others(g, st):
@@ -323,6 +367,9 @@ def follow_others(g, st):
          f'memory.high set back to {lim} (now {limits(g)})')
     log(f'follow: memory.high lowered by hand by 64 MiB, set back after '
         f'{time.monotonic() - t0:.1f} s')
+    said = f'from {mib(lim)} (memory.high {mib(lim - 64 * MiB)}) to {mib(lim)}'
+    poll(lambda: said in sh(g, 'cat /tmp/follow.out'), 10,
+         f'follow to say "{said}"')
     check(sh(g, 'test -e /tmp/follow.rc || echo running').strip() ==
           'running', 'follow exited: ' + sh(g, 'cat /tmp/follow.err'))
     st['follow_limit'] = lim
@@ -391,8 +438,11 @@ def build_image():
 def tools_disk(tmp):
     src = os.path.join(tmp, 'tools')
     os.makedirs(src)
-    shutil.copy2(TOOL, src)
+    shutil.copy2(TOOL, os.path.join(src, 'vmem-limit'))
     shutil.copy2(STANDIN, src)
+    subprocess.run(['cc', '-shared', '-fPIC', '-O2', '-Wall', '-o',
+                    os.path.join(src, 'charge_on_open.so'), SHIM, '-ldl'],
+                   check=True)
     img = os.path.join(tmp, 'tools.img')
     subprocess.run(['mkfs.ext4', '-q', '-L', 'tools', '-d', src, img, '16M'],
                    check=True)
@@ -428,6 +478,9 @@ def main():
                    lambda: resize_steps(g, st))
             t.case('v2: a limit below memory.current is refused (exit 7), '
                    'nothing written', lambda: below_charge(g, st))
+            t.case('v2: the charge rises while the limit is lowered: '
+                   'refused (exit 7), nobody OOM-killed',
+                   lambda: charge_rises_while_lowering(g, st))
             t.case('v2: follow sets the limit after another client\'s '
                    'resize and memory.high changed by hand',
                    lambda: follow_others(g, st))
