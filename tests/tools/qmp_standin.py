@@ -375,7 +375,9 @@ def call(args):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[1])
+    p = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest='what', required=True)
     s = sub.add_parser('serve')
     s.add_argument('--socket', required=True)

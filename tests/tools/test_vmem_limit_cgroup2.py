@@ -31,9 +31,12 @@ the process behind the QMP socket that the tool checks (SO_PEERCRED).
    charge_on_open.c fault: 96 MiB charged as the tool opens memory.high):
    v2 would take the lower memory.max and OOM-kill, so the tool must read
    the charge again and refuse (exit 7), nothing killed;
-7. follow: a resize by another QMP client and memory.high lowered by
+7. a user the cgroup is not delegated to: exit 2 naming memory.max,
+   nothing changed or resized; with memory.max and memory.high chowned
+   to the user (v2 delegation), the user's resize sets both;
+8. follow: a resize by another QMP client and memory.high lowered by
    hand are set right, the line saying what memory.high was;
-8. the stand-in outgrows the limit: the kernel OOM-kills it, and follow
+9. the stand-in outgrows the limit: the kernel OOM-kills it, and follow
    exits 8 naming memory.events' oom_kill count and the limit met.
 
 VMEM_LIMIT_TOOL=PATH runs another build of the tool (the one before the
@@ -152,11 +155,13 @@ def limits(g):
     return f['memory.max'], f['memory.high']
 
 
-def tool(g, *args, expect=0, sock=SOCK, cg=CG, pre=''):
+def tool(g, *args, expect=0, sock=SOCK, cg=CG, pre='', wrap='',
+         state=STATE):
     """Run the tool in the guest: (stdout, stderr, status), the status
-    checked unless expect is None.  pre: shell words before it, in the
-    subshell that runs it."""
-    cmd = (f'({pre} exec {GTOOL} --state-dir {STATE} -q {sock} -c {cg} '
+    checked unless expect is None.  pre: shell commands before it, in the
+    subshell that runs it; wrap: a command that runs it."""
+    cmd = (f'({pre} exec {wrap} {GTOOL} --state-dir {state} -q {sock} '
+           f'-c {cg} '
            + ' '.join(args) + ') 2> /tmp/vl.err; rc=$?; echo @@STDERR@@; '
            'cat /tmp/vl.err; exit $rc')
     st, out = g.run(cmd, timeout=300)
@@ -347,6 +352,32 @@ def charge_rises_while_lowering(g, st):
     call(g, 'x-stats')
 
 
+def delegation(g, st):
+    """A user the cgroup is not delegated to cannot set its limit (exit 2,
+    nothing changed, nothing resized); once memory.max and memory.high
+    are the user's, as cgroup v2 delegates, the user's resize sets both."""
+    user = 'setpriv --reuid=65534 --regid=65534 --clear-groups'
+    state = '/tmp/vmem-limit-nobody'
+    sh(g, f'chmod 666 {SOCK} && install -d -o 65534 {state}')
+    before = limits(g)
+    _, err, _ = tool(g, 'resize', 'vm0', '128M', wrap=user, state=state,
+                     expect=EXIT['permission'])
+    check(f'cannot write {CG}/memory.max: Permission denied; run as root or '
+          'as the user the cgroup is delegated to' in err, f'message: {err}')
+    check(limits(g) == before, f'limits {limits(g)} != {before}')
+    check(call(g, 'qom-get', {'path': 'vm0', 'property': 'requested-size'})
+          == 64 * MiB, 'resized without raising the limit')
+    sh(g, f'chown 65534 {CG}/memory.max {CG}/memory.high')
+    try:
+        tool(g, 'resize', 'vm0', '128M', wrap=user, state=state)
+    finally:
+        sh(g, f'chown 0 {CG}/memory.max {CG}/memory.high')
+    lim = want(BASE, 128 * MiB)
+    check(limits(g) == (str(lim), str(lim)),
+          f'memory.max, memory.high {limits(g)} != {lim}')
+    log(f'as uid 65534: refused before, {lim} set once delegated')
+
+
 def follow_others(g, st):
     sh(g, f'rm -f /tmp/follow.*; ({GTOOL} --state-dir {STATE} -q {SOCK} '
        f'-c {CG} follow > /tmp/follow.out 2> /tmp/follow.err; '
@@ -481,6 +512,9 @@ def main():
             t.case('v2: the charge rises while the limit is lowered: '
                    'refused (exit 7), nobody OOM-killed',
                    lambda: charge_rises_while_lowering(g, st))
+            t.case('v2: not delegated to the user: exit 2, nothing '
+                   'changed; delegated: the user\'s resize sets both',
+                   lambda: delegation(g, st))
             t.case('v2: follow sets the limit after another client\'s '
                    'resize and memory.high changed by hand',
                    lambda: follow_others(g, st))
