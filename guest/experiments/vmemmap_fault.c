@@ -18,9 +18,9 @@
  *                (physical address / memory block size).
  * fail_remove    the next this many offline_and_remove_memory() calls
  *                fail with -EBUSY without doing anything (-1: all).
- * fail_contig    the same for alloc_contig_range (contig_fn names it:
- *                alloc_contig_range_noprof on 6.10 and later,
- *                alloc_contig_range before): memory looks unmovable.
+ * fail_contig    the same for alloc_contig_range (alloc_contig_range_noprof
+ *                from 6.10 on, alloc_contig_range before, or what
+ *                contig_fn names): memory looks unmovable.
  * delay_add_ms   the next add_memory_driver_managed() call spins this
  *                long on entry, before it takes the hotplug locks, with
  *                delaying set meanwhile: user space can online another
@@ -64,7 +64,7 @@ static bool delaying;
 module_param(delaying, bool, 0444);
 MODULE_PARM_DESC(delaying, "add_memory_driver_managed() is spinning");
 
-static char *contig_fn = "alloc_contig_range_noprof";
+static char *contig_fn;
 module_param(contig_fn, charp, 0444);
 MODULE_PARM_DESC(contig_fn, "The kernel's alloc_contig_range function");
 
@@ -170,46 +170,72 @@ static void vmemmap_fault_post(struct kprobe *p, struct pt_regs *regs,
 {
 }
 
-static struct kprobe vmemmap_fault_probes[] = {
+/*
+ * The probes, each with the names its function has had: the first one the
+ * running kernel has is probed.
+ */
+static struct vmemmap_fault_probe {
+	const char *names[3];
+	struct kprobe kp;
+} vmemmap_fault_probes[] = {
 	{
-		.symbol_name = "virtio_mem_memory_notifier_cb",
-		.pre_handler = vmemmap_fault_skew,
+		.names = { "virtio_mem_memory_notifier_cb" },
+		.kp.pre_handler = vmemmap_fault_skew,
 	},
 	{
-		.symbol_name = "offline_and_remove_memory",
-		.pre_handler = vmemmap_fault_remove,
-		.post_handler = vmemmap_fault_post,
+		.names = { "offline_and_remove_memory" },
+		.kp.pre_handler = vmemmap_fault_remove,
+		.kp.post_handler = vmemmap_fault_post,
 	},
 	{
-		.pre_handler = vmemmap_fault_contig,
-		.post_handler = vmemmap_fault_post,
+		/* contig_fn first, if given. */
+		.names = { NULL, "alloc_contig_range_noprof",
+			   "alloc_contig_range" },
+		.kp.pre_handler = vmemmap_fault_contig,
+		.kp.post_handler = vmemmap_fault_post,
 	},
 	{
-		.symbol_name = "add_memory_driver_managed",
-		.pre_handler = vmemmap_fault_delay,
+		.names = { "add_memory_driver_managed",
+			   "__add_memory_driver_managed" },
+		.kp.pre_handler = vmemmap_fault_delay,
 	},
 };
 
-static struct kprobe *vmemmap_fault_kps[ARRAY_SIZE(vmemmap_fault_probes)];
+static void vmemmap_fault_unregister(int n)
+{
+	while (n--)
+		unregister_kprobe(&vmemmap_fault_probes[n].kp);
+}
 
 static int __init vmemmap_fault_init(void)
 {
-	int i, rc;
+	struct vmemmap_fault_probe *p;
+	int i, j, rc;
 
-	vmemmap_fault_probes[2].symbol_name = contig_fn;
-	BUILD_BUG_ON(ARRAY_SIZE(vmemmap_fault_probes) != 4);
-	for (i = 0; i < ARRAY_SIZE(vmemmap_fault_probes); i++)
-		vmemmap_fault_kps[i] = &vmemmap_fault_probes[i];
-	rc = register_kprobes(vmemmap_fault_kps, ARRAY_SIZE(vmemmap_fault_kps));
-	if (rc)
-		pr_err("vmemmap_fault: probing failed (is virtio_mem loaded?): %d\n",
-		       rc);
-	return rc;
+	vmemmap_fault_probes[2].names[0] = contig_fn;
+	for (i = 0; i < ARRAY_SIZE(vmemmap_fault_probes); i++) {
+		p = &vmemmap_fault_probes[i];
+		rc = -ENOENT;
+		for (j = 0; j < ARRAY_SIZE(p->names) && rc; j++) {
+			if (!p->names[j])
+				continue;
+			p->kp.symbol_name = p->names[j];
+			p->kp.addr = NULL;
+			rc = register_kprobe(&p->kp);
+		}
+		if (rc) {
+			pr_err("vmemmap_fault: cannot probe %s (is virtio_mem loaded?): %d\n",
+			       p->names[0] ? p->names[0] : p->names[1], rc);
+			vmemmap_fault_unregister(i);
+			return rc;
+		}
+	}
+	return 0;
 }
 
 static void __exit vmemmap_fault_exit(void)
 {
-	unregister_kprobes(vmemmap_fault_kps, ARRAY_SIZE(vmemmap_fault_kps));
+	vmemmap_fault_unregister(ARRAY_SIZE(vmemmap_fault_probes));
 }
 
 module_init(vmemmap_fault_init);
