@@ -17,8 +17,8 @@ the process behind the QMP socket that the tool checks (SO_PEERCRED).
 1. show on a fresh v2 cgroup: memory.max and memory.high read "max", the
    charge is memory.current, the limit named "... (v2)";
 2. a socket whose listener is in another v2 cgroup is refused (exit 1,
-   naming that cgroup); a v2 directory without the memory controller
-   is no memory cgroup (exit 3);
+   naming that cgroup), one below the cgroup given is accepted; a v2
+   directory without the memory controller is no memory cgroup (exit 3);
 3. a resize the VMM refuses after the limit was set: memory.max and
    memory.high are both written back to "max" (exit 5);
 4. resize 0 -> 256 MiB -> 64 MiB: memory.max == memory.high == base +
@@ -242,6 +242,11 @@ def other_cgroups(g, st):
     poll(lambda: not sh(g, f'cat {cg2}/cgroup.procs').strip(), 30,
          f'{cg2} to empty')
     sh(g, f'rmdir {cg2}')
+
+    # The listener below the cgroup given is the VM's (a scope's child).
+    out, _, _ = tool(g, 'show', cg=PARENT)
+    check(f'memory.max and memory.high of cgroup {PARENT} (v2)' in out,
+          f'show -c {PARENT}: {out}')
 
     sub = f'{CG}/nomem'
     sh(g, f'mkdir {sub}')
@@ -499,8 +504,9 @@ def main():
                    lambda: setup(g, st))
             t.case('v2: show reads memory.current, and memory.max and '
                    'memory.high at "max"', lambda: show_fresh(g, st))
-            t.case('v2: a listener in another cgroup is refused, naming it; '
-                   'a cgroup without the memory controller is exit 3',
+            t.case('v2: a listener in another cgroup is refused, naming it, '
+                   'one below accepted; a cgroup without the memory '
+                   'controller is exit 3',
                    lambda: other_cgroups(g, st))
             t.case('v2: a refused resize writes "max" back to memory.max '
                    'and memory.high', lambda: refused_resize(g, st))
