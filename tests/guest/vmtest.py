@@ -555,7 +555,9 @@ class SystemdGuest(Guest):
     def wait_ready(self, timeout, what='guest boot'):
         """READY comes after basic.target, when udev may still be loading
         the drivers of the devices present at boot (virtio_mem among
-        them): wait for its queue to empty too."""
+        them): wait for its queue to empty too.  That narrows the window
+        without closing it (udevd may not have read every coldplug event
+        yet), so a test that needs a driver bound polls for it."""
         t0 = time.monotonic()
         super().wait_ready(timeout, what)
         left = max(10, int(timeout - (time.monotonic() - t0)))
