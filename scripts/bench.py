@@ -6,7 +6,9 @@ arms, in one run on the same QEMU build.  Writes build/bench/results.json,
 build/bench/results.md and PNG plots.
 
 Usage: scripts/bench.py [--quick] [--only usable,footprint,speed,capacity,...]
-(--help lists the scenarios and what each one runs.)
+(--help lists the scenarios and what each one runs.)  With --only, the
+scenarios of an earlier results.json that this run does not repeat are
+kept beside the new ones (each with the time it started).
 """
 
 import argparse
@@ -22,9 +24,9 @@ import scenarios as sc  # noqa: E402
 from vmtest import BUILD, GiB, MiB, log  # noqa: E402
 
 ALL = ('usable', 'footprint', 'speed', 'capacity', 'scaling', 'onlining',
-       'zonewalk', 'margin')
+       'zonewalk', 'margin', 'kernels')
 # Scenarios that run both arms together.
-JOINT = ('speed', 'scaling', 'zonewalk')
+JOINT = ('speed', 'scaling', 'zonewalk', 'kernels')
 
 # Sizes and repetitions, full run and --quick.  Measured under TCG on 2
 # cores (shared): one round at 64 GiB, plug and unplug in both arms, took
@@ -36,12 +38,30 @@ JOINT = ('speed', 'scaling', 'zonewalk')
 SCALING = {False: {'sizes': (4, 16, 64), 'mem': '6G',
                    'reps': {4: 3, 16: 2, 64: 1, 256: 1}},
            True: {'sizes': (1, 4), 'mem': '2G', 'reps': {1: 2, 4: 2}}}
+# scaling on each Debian kernel the driver supports (6.1: Debian 12,
+# 6.12: Debian 13, 7.3: trixie-backports), each in its own kit
+# (scripts/build-guest --kernel SERIES): the same 6 GiB guest with the
+# same 64 GiB device on all three (6 GiB of boot RAM gives x86's 128 MiB
+# memory blocks, as in scaling), 4 and 16 GiB on each, 64 GiB on 7.3
+# only (one round of it costs minutes under TCG).
+KERNELS = {False: {'plan': {'6.1': (4, 16), '6.12': (4, 16),
+                            '7.3': (4, 16, 64)},
+                   'mem': '6G', 'reps': {4: 3, 16: 3, 64: 2}},
+           True: {'plan': {'6.1': (1,), '6.12': (1,), '7.3': (1, 4)},
+                  'mem': '2G', 'reps': {1: 2, 4: 1}}}
 MARGIN = {False: {'sizes': (4, 64), 'touch': 4, 'mem': '2G',
                   'trials': {4: 3, 64: 1}},
           True: {'sizes': (1,), 'touch': 1, 'mem': '1G', 'trials': {1: 2}}}
 
 
-def run(args):
+def capped(reps, rounds):
+    """reps ({GiB: rounds}) in bytes, at most `rounds` each (None: as is)."""
+    return {k * GiB: min(v, rounds or v) for k, v in reps.items()}
+
+
+def run(args, save=None):
+    """Run args.only; save(results so far), if given, is called when a
+    long scenario has measured a part."""
     quick = args.quick
     plan = {
         'usable': lambda arm: sc.usable(arm, n=1 * GiB),
@@ -54,8 +74,16 @@ def run(args):
         'scaling': lambda: sc.scaling(
             sizes=[x * GiB for x in SCALING[quick]['sizes']
                    + ((256,) if args.big else ())],
-            reps={k * GiB: v for k, v in SCALING[quick]['reps'].items()},
+            reps=capped(SCALING[quick]['reps'], args.rounds),
             mem=SCALING[quick]['mem']),
+        # scaling on each kernel, the kernel a parameter of the same code.
+        'kernels': lambda: sc.kernels(
+            {k: [x * GiB for x in v]
+             for k, v in KERNELS[quick]['plan'].items()},
+            reps=capped(KERNELS[quick]['reps'], args.rounds),
+            mem=KERNELS[quick]['mem'],
+            done=lambda series, part: save and save(dict(
+                results, kernels=dict(part, partial=True)))),
         # scaling, one round per size, with mm's zone walk changed as
         # docs/devel/cost.rst proposes (guest/experiments/zone_walk_skip.c,
         # in both arms).
@@ -77,17 +105,35 @@ def run(args):
                'quick': quick, 'kernel': open(f'{BUILD}/guest/kernel-release').read().strip()}
     for name in args.only:
         t0 = time.monotonic()
+        t_start = time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())
         if name in JOINT:
             log(f'== {name}: {", ".join(sc.ARMS)} side by side')
             results[name] = plan[name]()
             results.setdefault('seconds', {})[name] = time.monotonic() - t0
+            results.setdefault('scenario_started', {})[name] = t_start
             continue
         results[name] = {}
         for arm in sc.ARMS:
             log(f'== {name}: {arm}')
             results[name][arm] = plan[name](arm)
         results.setdefault('seconds', {})[name] = time.monotonic() - t0
+        results.setdefault('scenario_started', {})[name] = t_start
     return results
+
+
+def merge(old, new):
+    """new, with the scenarios of old (an earlier results.json) that new
+    did not run."""
+    out = dict(new)
+    for name in ALL:
+        if name in old and name not in new:
+            out[name] = old[name]
+            for key in ('seconds', 'scenario_started'):
+                if name in old.get(key, {}):
+                    out.setdefault(key, {})[name] = old[key][name]
+            out.setdefault('scenario_started', {}).setdefault(
+                name, old.get('started'))
+    return out
 
 
 def mib(x):
@@ -170,6 +216,16 @@ def table(res):
                     (sca['stock']['zone_walks'] or {}).get(k),
                     (sca['project']['zone_walks'] or {}).get(k),
                     fmt=str, rat=False)
+    if 'kernels' in res:
+        ker = res['kernels']
+        for series, sca in ker['kernels'].items():
+            for n in sca['sizes']:
+                for op in ('plug', 'unplug'):
+                    s, p = sca['stock'][str(n)], sca['project'][str(n)]
+                    row(f'kernels: Linux {series} ({sca["kernel"]}, '
+                        f'{sca["mem"]} guest): {op} {n >> 30} GiB, median '
+                        f'of {len(s[op + "_s"])} (s)', s[op + '_median'],
+                        p[op + '_median'], fmt=lambda x: f'{x:.2f}')
     if 'onlining' in res:
         s, p = res['onlining']['stock'], res['onlining']['project']
         size = f'{s["n"] >> 30} GiB ({s["blocks"]} blocks, {s["mem"]} guest)'
@@ -332,6 +388,8 @@ def plots(res, outdir):
         ax2.grid(True, alpha=0.3)
         ax2.legend(fontsize=8)
         save(fig, f'{name}.png')
+    if 'kernels' in res:
+        kernels_plot(res['kernels'], plt, save)
     if 'margin' in res:
         mar = res['margin']
         keys = list(mar['stock'])
@@ -383,6 +441,80 @@ def plots(res, outdir):
     return files
 
 
+def kernels_plot(ker, plt, save):
+    """One panel per kernel: plug and unplug time against size, both
+    arms; a last one: project / stock per kernel."""
+    runs = ker['kernels']
+    fig, axes = plt.subplots(1, len(runs) + 1, figsize=(4.2 * (len(runs) + 1),
+                                                        4.8))
+    allsizes = sorted({n for sca in runs.values() for n in sca['sizes']})
+    ticks = [n / GiB for n in allsizes]
+    colors = ('tab:blue', 'tab:orange', 'tab:purple', 'tab:brown')
+    ymin = min(min(sca[a][str(n)][op + '_s']) for sca in runs.values()
+               for a in ('stock', 'project') for n in sca['sizes']
+               for op in ('plug', 'unplug'))
+    ymax = max(max(sca[a][str(n)][op + '_s']) for sca in runs.values()
+               for a in ('stock', 'project') for n in sca['sizes']
+               for op in ('plug', 'unplug'))
+    rat_ax = axes[-1]
+    for (series, sca), ax, kc in zip(runs.items(), axes, colors):
+        sizes = [n / GiB for n in sca['sizes']]
+        for arm, color in (('stock', 'r'), ('project', 'g')):
+            for op, style in (('plug', 'o-'), ('unplug', 's--')):
+                med = [sca[arm][str(n)][op + '_median'] for n in sca['sizes']]
+                ax.plot(sizes, med, color + style, label=f'{arm}: {op}')
+                for n, x in zip(sizes, sca['sizes']):
+                    pts = sca[arm][str(x)][op + '_s']
+                    ax.plot([n] * len(pts), pts, color + '.', alpha=0.4)
+        rounds = sorted({len(sca['stock'][str(n)]['plug_s'])
+                         for n in sca['sizes']})
+        ax.set_xscale('log', base=2)
+        ax.set_yscale('log')
+        ax.set_xlim(ticks[0] / 1.5, ticks[-1] * 1.5)
+        ax.set_ylim(ymin / 1.5, ymax * 1.5)
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([f'{n:g}' for n in ticks])
+        ax.set_xlabel('GiB plugged, then unplugged')
+        ax.set_title(f'Linux {series}\n({sca["kernel"]})', fontsize=10)
+        ax.grid(True, which='both', alpha=0.3)
+        ax.text(0.98, 0.02, 'rounds per size: '
+                + '/'.join(str(r) for r in rounds), transform=ax.transAxes,
+                ha='right', va='bottom', fontsize=8)
+        for op, style in (('plug', 'o-'), ('unplug', 's--')):
+            rat = [sca['project'][str(n)][op + '_median'] /
+                   sca['stock'][str(n)][op + '_median'] for n in sca['sizes']]
+            # The ratios sit close together: their values go in the
+            # legend, not beside the points.
+            rat_ax.plot(sizes, rat, style, color=kc,
+                        label=f'{series} {op}: ' + ', '.join(
+                            f'{v:.2f}' for v in rat))
+    axes[0].set_ylabel('seconds (median line, dots: each round)')
+    axes[0].legend(fontsize=8, loc='upper left')
+    rat_ax.axhline(1.0, color='k', lw=1, ls=':')
+    rat_ax.set_xscale('log', base=2)
+    rat_ax.set_xlim(ticks[0] / 1.5, ticks[-1] * 1.5)
+    rat_ax.set_xticks(ticks)
+    rat_ax.set_xticklabels([f'{n:g}' for n in ticks])
+    rat_ax.set_xlabel('GiB')
+    rat_ax.set_ylabel('project / stock (median time)')
+    rat_ax.set_title('project / stock (dotted: equal)\nlegend: ratio at '
+                     + ', '.join(f'{n:g}' for n in ticks) + ' GiB',
+                     fontsize=10)
+    rat_ax.grid(True, alpha=0.3)
+    rat_ax.legend(fontsize=7, loc='upper left')
+    fig.suptitle(f'plug and unplug time per guest kernel, stock vs project '
+                 f'({ker["mem"]} guest, {ker["device"] >> 30} GiB device, '
+                 'TCG)')
+    save(fig, 'kernels.png')
+
+
+def project_arms(r):
+    """The project arm's results of one scenario (kernels: per kernel)."""
+    if 'kernels' in r and 'project' not in r:
+        return [x['project'] for x in r['kernels'].values()]
+    return [r['project']]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     ap.add_argument('--quick', action='store_true',
@@ -390,6 +522,9 @@ def main():
     ap.add_argument('--big', action='store_true',
                     help='scaling also at 256 GiB (one round of both arms: '
                     'about 28 minutes under TCG)')
+    ap.add_argument('--rounds', type=int, default=None,
+                    help='at most this many rounds per size in scaling and '
+                    'kernels (default: as configured, up to 3)')
     ap.add_argument('--only', default=','.join(ALL),
                     help='comma-separated scenarios (default: all)')
     args = ap.parse_args()
@@ -399,8 +534,19 @@ def main():
             ap.error(f'unknown scenario {x!r}; choose from {", ".join(ALL)}')
     outdir = os.path.join(BUILD, 'bench')
     os.makedirs(outdir, exist_ok=True)
-    res = run(args)
-    with open(os.path.join(outdir, 'results.json'), 'w') as f:
+    path = os.path.join(outdir, 'results.json')
+    old = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+
+    def save(part):
+        with open(path + '.tmp', 'w') as f:
+            json.dump(merge(old, part), f, indent=1)
+        os.replace(path + '.tmp', path)
+
+    res = merge(old, run(args, save))
+    with open(path, 'w') as f:
         json.dump(res, f, indent=1)
     md = table(res)
     with open(os.path.join(outdir, 'results.md'), 'w') as f:
@@ -410,7 +556,7 @@ def main():
     print(md)
     log(f'wrote {outdir}/results.json, results.md, '
         + ', '.join(os.path.basename(x) for x in files))
-    errors = [s for s in args.only if log_errors(res[s]['project'])]
+    errors = [s for s in args.only if log_errors(project_arms(res[s]))]
     if errors:
         log('guest log errors in the project arm: ' + ', '.join(errors))
     return 1 if errors else 0

@@ -19,6 +19,7 @@ import re
 import subprocess
 import time
 
+import vmtest
 from vmtest import (QEMU, STOCK_QEMU, GiB, MiB, Guest, HarnessError, log,
                     poll)
 
@@ -263,7 +264,7 @@ ZONE_WALK_SKIP = 'vmtest.preload=zone_walk_skip'
 
 
 def scaling(sizes=(4 * GiB, 16 * GiB), reps=None, mem='6G', timeout=1800,
-            append=''):
+            append='', kernel=None, device=None):
     """Plug and unplug time against size, both arms in guests of the same
     size (mem), side by side and taking turns as in speed(): each size in
     round r runs stock first when r + its index is even, else project.
@@ -271,9 +272,23 @@ def scaling(sizes=(4 * GiB, 16 * GiB), reps=None, mem='6G', timeout=1800,
     reps maps a size to its number of rounds (default 3).  Returns
     {'sizes': [...], arm: {size: {'plug_s': [...], 'unplug_s': [...]}}}
     with sizes as strings of bytes (JSON keys).  append goes on both
-    guests' kernel command line (ZONE_WALK_SKIP: with mm's walk changed)."""
+    guests' kernel command line (ZONE_WALK_SKIP: with mm's walk changed).
+    kernel (a release or series: 6.1, 6.12, 7.3) boots both guests on
+    that kernel's kit instead of the default one; device (bytes, default
+    the largest size) sizes both devices, so that runs of different sizes
+    can have the same guest."""
+    if kernel:
+        kit, vmtest.GUEST = vmtest.GUEST, vmtest.guest_kit_dir(kernel)
+        try:
+            return dict(scaling(sizes, reps, mem, timeout, append,
+                                device=device),
+                        kernel=open(os.path.join(vmtest.GUEST,
+                                                 'kernel-release'))
+                        .read().strip())
+        finally:
+            vmtest.GUEST = kit
     reps = reps or {}
-    top = max(sizes)
+    top = max(max(sizes), device or 0)
     times = {arm: {str(n): {'plug_s': [], 'unplug_s': []} for n in sizes}
              for arm in ARMS}
     with contextlib.ExitStack() as stack:
@@ -283,7 +298,8 @@ def scaling(sizes=(4 * GiB, 16 * GiB), reps=None, mem='6G', timeout=1800,
             guests[arm] = stack.enter_context(guest_for(
                 arm, 'scaling', mem, f'{top // GiB}G', reserve=False,
                 maxmem=f'{top // GiB + 16}G', append=append))
-            log(f'scaling {arm}: booted in {time.monotonic() - t0:.1f}s')
+            log(f'scaling {arm}: booted {os.path.basename(vmtest.GUEST)} '
+                f'in {time.monotonic() - t0:.1f}s')
         rounds = max(reps.get(n, 3) for n in sizes)
         for r in range(rounds):
             for i, n in enumerate(sizes):
@@ -301,13 +317,34 @@ def scaling(sizes=(4 * GiB, 16 * GiB), reps=None, mem='6G', timeout=1800,
                         f'{t["unplug_s"][-1]:.2f}s')
         bad = {arm: g.bad_log_lines() for arm, g in guests.items()}
         walks = {arm: zone_walks(g) for arm, g in guests.items()}
-    res = {'sizes': list(sizes), 'mem': mem, 'append': append}
+    res = {'sizes': list(sizes), 'mem': mem, 'append': append,
+           'device': top}
     for arm in ARMS:
         res[arm] = {'log_errors': bad[arm], 'zone_walks': walks[arm]}
         for n in sizes:
             t = times[arm][str(n)]
             res[arm][str(n)] = dict(t, plug_median=statistics.median(
                 t['plug_s']), unplug_median=statistics.median(t['unplug_s']))
+    return res
+
+
+def kernels(plan, reps=None, mem='6G', device=None, timeout=1800,
+            done=None):
+    """scaling() on each kernel of plan ({series: [sizes]}, in order):
+    the same guest (mem, device: default the largest size of all) on
+    every kernel, both arms side by side and taking turns.  done(series,
+    result), if given, is called after each kernel (to save what is
+    measured so far).  Returns {'mem', 'device', 'kernels': {series:
+    scaling result, with 'kernel': the release}}."""
+    device = device or max(n for sizes in plan.values() for n in sizes)
+    res = {'mem': mem, 'device': device, 'kernels': {}}
+    for series, sizes in plan.items():
+        log(f'kernels: Linux {series}, {mem} guests, '
+            + ', '.join(f'{n >> 30} GiB' for n in sizes))
+        res['kernels'][series] = scaling(sizes, reps, mem, timeout,
+                                         kernel=series, device=device)
+        if done:
+            done(series, res)
     return res
 
 
@@ -636,5 +673,6 @@ def margin(arm, n, touch, mem='2G', trials=3, resolution=2 * MiB):
 
 
 __all__ = ['ARMS', 'footprint', 'usable', 'capacity', 'speed', 'bound',
-           'scaling', 'margin', 'margin_run', 'Limit', 'memtotal_after',
+           'scaling', 'kernels', 'margin', 'margin_run', 'Limit',
+           'memtotal_after',
            'device_has', 'HarnessError', 'GiB', 'MiB']
