@@ -1,13 +1,19 @@
 /*
  * virtio-mem: migration of the vmemmap accounting
  *
- * On the wire: a 32-bit count, then that many (start, size) pairs of
- * 64-bit offsets into the device's region, the maximal runs of marked
- * memory in ascending order.  Both sides stream them straight from and
- * into the bitmap; the destination takes each run only if a request for
- * it would have been accepted and it starts after the previous one, so a
- * stream can neither allocate memory nor leave a state the device could
- * not have reached.
+ * On the wire: a 32-bit length, then that many bytes of the encoded
+ * state (virtio_mem_vmemmap_encode(): nothing while nothing is marked,
+ * else a 16-bit count of marked pages per marking unit of each plugged
+ * block).  Its size depends on the configuration and the plugged blocks
+ * only, never on the pattern of the marks: at most 2 bytes per MiB
+ * plugged, 1 MiB per TiB with blocks of 2 MiB or more.  Plain VMState
+ * (a uint32 and a buffer), so the vmdesc describes it and
+ * scripts/analyze-migration.py can read it.
+ *
+ * The destination checks the length before it allocates anything, and
+ * the contents against its own plugged bitmap (which arrived before, in
+ * the same section) before it changes anything; a stream that claims
+ * anything the device could not hold fails the load with an error.
  *
  * Copyright (c) 2026 The virtio-mem-vmemmap authors
  *
@@ -16,94 +22,98 @@
 
 #include "qemu/osdep.h"
 #include "qemu/error-report.h"
-#include "migration/qemu-file-types.h"
 #include "hw/virtio/virtio-mem-vmemmap.h"
 
-static int virtio_mem_vmemmap_put(QEMUFile *f, void *pv, size_t size,
-                                  const VMStateField *field,
-                                  JSONWriter *vmdesc)
+static int virtio_mem_vmemmap_pre_save(void *opaque)
 {
-    const VirtIOMEMVmemmap *vm = pv;
-    const uint64_t nr = virtio_mem_vmemmap_nr_ranges(vm);
-    uint64_t offset = 0, start, len;
+    VirtIOMEMVmemmap *vm = opaque;
+    const uint64_t len = virtio_mem_vmemmap_encoded_size(vm);
 
-    if (nr > INT32_MAX) {
-        error_report("virtio-mem: %" PRIu64 " vmemmap ranges do not fit the"
-                     " migration stream", nr);
+    g_free(vm->mig_buf);
+    vm->mig_buf = NULL;
+    /* 2 bytes per MiB at most: a 2 TiB region of 1 MiB blocks is 4 MiB. */
+    if (len > UINT32_MAX) {
+        error_report("virtio-mem: vmemmap state of %" PRIu64 " bytes does"
+                     " not fit the migration stream", len);
         return -EINVAL;
     }
-    qemu_put_be32(f, nr);
-    while (virtio_mem_vmemmap_next_range(vm, offset, &start, &len)) {
-        qemu_put_be64(f, start);
-        qemu_put_be64(f, len);
-        offset = start + len;
+    vm->mig_len = len;
+    if (len) {
+        vm->mig_buf = g_malloc(len);
+        virtio_mem_vmemmap_encode(vm, vm->mig_buf);
     }
     return 0;
 }
 
-static int virtio_mem_vmemmap_get(QEMUFile *f, void *pv, size_t size,
-                                  const VMStateField *field)
+static int virtio_mem_vmemmap_post_save(void *opaque)
 {
-    VirtIOMEMVmemmap *vm = pv;
-    const int32_t nr = qemu_get_be32(f);
-    uint64_t cursor = 0;
-    int32_t i;
+    VirtIOMEMVmemmap *vm = opaque;
+
+    g_free(vm->mig_buf);
+    vm->mig_buf = NULL;
+    vm->mig_len = 0;
+    return 0;
+}
+
+static int virtio_mem_vmemmap_pre_load(void *opaque)
+{
+    return virtio_mem_vmemmap_post_save(opaque);
+}
+
+/* Runs before the buffer is allocated: refuse a length we cannot take. */
+static bool virtio_mem_vmemmap_len_valid(void *opaque, int version_id)
+{
+    VirtIOMEMVmemmap *vm = opaque;
 
     if (!virtio_mem_vmemmap_enabled(vm)) {
         error_report("virtio-mem: the source's guest uses vmemmap accounting,"
                      " but this device has vmemmap-accounting=off; start the"
                      " destination with vmemmap-accounting=on");
-        return -EINVAL;
+        return false;
     }
-    if (nr < 0 || nr > virtio_mem_vmemmap_max_ranges(vm)) {
-        error_report("virtio-mem: incoming vmemmap state claims %" PRId32
-                     " ranges in a region of 0x%" PRIx64 " bytes", nr,
-                     vm->region_size);
-        return -EINVAL;
+    /* The exact length needs the plugged bitmap: post_load checks it. */
+    if (vm->mig_len % 2 ||
+        vm->mig_len > 2 * (vm->region_size / virtio_mem_vmemmap_unit(vm))) {
+        error_report("virtio-mem: incoming vmemmap state of %" PRIu32
+                     " bytes cannot describe a region of 0x%" PRIx64
+                     " bytes", vm->mig_len, vm->region_size);
+        return false;
     }
+    return true;
+}
 
-    virtio_mem_vmemmap_clear(vm);
-    for (i = 0; i < nr; i++) {
-        const uint64_t start = qemu_get_be64(f);
-        const uint64_t len = qemu_get_be64(f);
-        VirtIOMEMVmemmapCheck check;
-        int ret = qemu_file_get_error(f);
+static int virtio_mem_vmemmap_post_load(void *opaque, int version_id)
+{
+    VirtIOMEMVmemmap *vm = opaque;
+    const uint32_t len = vm->mig_len;
+    VirtIOMEMVmemmapCheck check;
 
-        if (ret) {
-            virtio_mem_vmemmap_clear(vm);
-            return ret;
-        }
-        check = virtio_mem_vmemmap_load_range(vm, &cursor, start, len);
-        if (check != VIRTIO_MEM_VMEMMAP_OK) {
-            error_report("virtio-mem: incoming vmemmap range 0x%" PRIx64
-                         "+0x%" PRIx64 ": %s", start, len,
-                         virtio_mem_vmemmap_check_str(check));
-            virtio_mem_vmemmap_clear(vm);
-            return -EINVAL;
-        }
+    check = virtio_mem_vmemmap_decode(vm, vm->mig_buf, len);
+    virtio_mem_vmemmap_post_save(vm);
+    if (check != VIRTIO_MEM_VMEMMAP_OK) {
+        error_report("virtio-mem: incoming vmemmap state of %" PRIu32
+                     " bytes for the plugged blocks of a region of 0x%"
+                     PRIx64 " bytes: %s", len, vm->region_size,
+                     virtio_mem_vmemmap_check_str(check));
+        return -EINVAL;
     }
     return 0;
 }
-
-static const VMStateInfo vmstate_info_virtio_mem_vmemmap = {
-    .name = "virtio-mem-vmemmap-ranges",
-    .get = virtio_mem_vmemmap_get,
-    .put = virtio_mem_vmemmap_put,
-};
 
 const VMStateDescription vmstate_virtio_mem_vmemmap = {
     .name = "virtio-mem-vmemmap",
     .version_id = 1,
     .minimum_version_id = 1,
+    .pre_save = virtio_mem_vmemmap_pre_save,
+    .post_save = virtio_mem_vmemmap_post_save,
+    .pre_load = virtio_mem_vmemmap_pre_load,
+    .post_load = virtio_mem_vmemmap_post_load,
     .fields = (const VMStateField[]) {
-        {
-            .name = "ranges",
-            .version_id = 0,
-            .size = sizeof(VirtIOMEMVmemmap),
-            .info = &vmstate_info_virtio_mem_vmemmap,
-            .flags = VMS_SINGLE,
-            .offset = 0,
-        },
+        VMSTATE_UINT32(mig_len, VirtIOMEMVmemmap),
+        VMSTATE_VALIDATE("vmemmap state length",
+                         virtio_mem_vmemmap_len_valid),
+        VMSTATE_VBUFFER_ALLOC_UINT32(mig_buf, VirtIOMEMVmemmap, 0, NULL,
+                                     mig_len),
         VMSTATE_END_OF_LIST()
     },
 };

@@ -8,9 +8,34 @@
 
 #include "qemu/osdep.h"
 #include "qemu/bitmap.h"
+#include "qemu/bswap.h"
 #include "hw/virtio/virtio-mem-vmemmap.h"
 
 #define PAGE VIRTIO_MEM_VMEMMAP_ALIGN
+
+/*
+ * The bitmap is a private anonymous mapping of its own: pages no mark
+ * ever touched cost no memory, and a clear gives all of it back, which
+ * malloc would not promise (freed and reallocated, glibc may hand out
+ * heap memory and zero it, making the whole bitmap resident).
+ */
+static size_t virtio_mem_vmemmap_bitmap_bytes(const VirtIOMEMVmemmap *vm)
+{
+    return ROUND_UP(BITS_TO_LONGS(vm->nr_pages) * sizeof(unsigned long),
+                    qemu_real_host_page_size());
+}
+
+static unsigned long *virtio_mem_vmemmap_bitmap_alloc(size_t bytes)
+{
+    void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+
+    if (p == MAP_FAILED) {
+        g_error("virtio-mem: cannot map a vmemmap bitmap of %zu bytes: %s",
+                bytes, strerror(errno));
+    }
+    return p;
+}
 
 void virtio_mem_vmemmap_init(VirtIOMEMVmemmap *vm)
 {
@@ -19,7 +44,10 @@ void virtio_mem_vmemmap_init(VirtIOMEMVmemmap *vm)
 
 void virtio_mem_vmemmap_destroy(VirtIOMEMVmemmap *vm)
 {
-    g_free(vm->bitmap);
+    if (vm->bitmap) {
+        munmap(vm->bitmap, virtio_mem_vmemmap_bitmap_bytes(vm));
+    }
+    g_free(vm->mig_buf);
     virtio_mem_vmemmap_init(vm);
 }
 
@@ -38,11 +66,8 @@ void virtio_mem_vmemmap_set_geometry(VirtIOMEMVmemmap *vm,
     vm->block_size = block_size;
     vm->plugged = plugged;
     vm->nr_pages = region_size / PAGE;
-    /*
-     * Large enough to come straight from mmap(): pages of the bitmap that
-     * no mark ever touched cost no memory.
-     */
-    vm->bitmap = bitmap_new(vm->nr_pages);
+    vm->bitmap = virtio_mem_vmemmap_bitmap_alloc(
+        virtio_mem_vmemmap_bitmap_bytes(vm));
 }
 
 bool virtio_mem_vmemmap_intersects(const VirtIOMEMVmemmap *vm,
@@ -83,6 +108,9 @@ VirtIOMEMVmemmapCheck virtio_mem_vmemmap_check(const VirtIOMEMVmemmap *vm,
     if (!QEMU_IS_ALIGNED(addr, PAGE) || !QEMU_IS_ALIGNED(size, PAGE)) {
         return VIRTIO_MEM_VMEMMAP_UNALIGNED;
     }
+    if (!QEMU_IS_ALIGNED(addr, VIRTIO_MEM_VMEMMAP_START_ALIGN)) {
+        return VIRTIO_MEM_VMEMMAP_UNALIGNED_START;
+    }
     if (addr + size < addr) {
         return VIRTIO_MEM_VMEMMAP_OVERFLOW;
     }
@@ -110,6 +138,8 @@ const char *virtio_mem_vmemmap_check_str(VirtIOMEMVmemmapCheck check)
         return "zero size";
     case VIRTIO_MEM_VMEMMAP_UNALIGNED:
         return "not 4 KiB aligned";
+    case VIRTIO_MEM_VMEMMAP_UNALIGNED_START:
+        return "does not start at a multiple of 2 MiB";
     case VIRTIO_MEM_VMEMMAP_OVERFLOW:
         return "address overflow";
     case VIRTIO_MEM_VMEMMAP_OUTSIDE:
@@ -118,10 +148,10 @@ const char *virtio_mem_vmemmap_check_str(VirtIOMEMVmemmapCheck check)
         return "not plugged";
     case VIRTIO_MEM_VMEMMAP_OVERLAP:
         return "already marked";
-    case VIRTIO_MEM_VMEMMAP_UNORDERED:
-        return "not after the previous range and apart from it";
     case VIRTIO_MEM_VMEMMAP_DISABLED:
         return "vmemmap-accounting is off";
+    case VIRTIO_MEM_VMEMMAP_MALFORMED:
+        return "not a state this device can hold";
     }
     g_assert_not_reached();
 }
@@ -164,11 +194,13 @@ void virtio_mem_vmemmap_clear(VirtIOMEMVmemmap *vm)
         return;
     }
     /*
-     * A fresh allocation rather than a memset: clearing a large region
-     * must not make its whole bitmap resident.
+     * A fresh mapping rather than a memset: clearing a large region must
+     * not make its whole bitmap resident, and must free what marks made
+     * resident.
      */
-    g_free(vm->bitmap);
-    vm->bitmap = bitmap_new(vm->nr_pages);
+    munmap(vm->bitmap, virtio_mem_vmemmap_bitmap_bytes(vm));
+    vm->bitmap = virtio_mem_vmemmap_bitmap_alloc(
+        virtio_mem_vmemmap_bitmap_bytes(vm));
     vm->size = 0;
 }
 
@@ -202,27 +234,103 @@ uint64_t virtio_mem_vmemmap_nr_ranges(const VirtIOMEMVmemmap *vm)
     return n;
 }
 
-uint64_t virtio_mem_vmemmap_max_ranges(const VirtIOMEMVmemmap *vm)
+uint64_t virtio_mem_vmemmap_unit(const VirtIOMEMVmemmap *vm)
 {
-    return DIV_ROUND_UP(vm->nr_pages, 2);
+    return MIN(vm->block_size, VIRTIO_MEM_VMEMMAP_START_ALIGN);
 }
 
-VirtIOMEMVmemmapCheck virtio_mem_vmemmap_load_range(VirtIOMEMVmemmap *vm,
-                                                    uint64_t *cursor,
-                                                    uint64_t start,
-                                                    uint64_t size)
+/* How many marking units the plugged blocks hold. */
+static uint64_t virtio_mem_vmemmap_plugged_units(const VirtIOMEMVmemmap *vm)
 {
-    VirtIOMEMVmemmapCheck check;
+    const uint64_t nr_blocks = vm->region_size / vm->block_size;
 
-    check = virtio_mem_vmemmap_check(vm, 0, vm->region_size, start, size);
-    if (check == VIRTIO_MEM_VMEMMAP_OK && start < *cursor) {
-        check = VIRTIO_MEM_VMEMMAP_UNORDERED;
+    return bitmap_count_one(vm->plugged, nr_blocks) *
+           (vm->block_size / virtio_mem_vmemmap_unit(vm));
+}
+
+uint64_t virtio_mem_vmemmap_encoded_size(const VirtIOMEMVmemmap *vm)
+{
+    if (!vm->size) {
+        return 0;
     }
-    if (check != VIRTIO_MEM_VMEMMAP_OK) {
-        return check;
+    return virtio_mem_vmemmap_plugged_units(vm) * sizeof(uint16_t);
+}
+
+/*
+ * Marked pages at the start of the unit at page @first, @unit_pages long.
+ * Nothing after them inside the unit may be marked: runs start at unit
+ * boundaries only (see VIRTIO_MEM_VMEMMAP_START_ALIGN).
+ */
+static uint64_t virtio_mem_vmemmap_prefix(const VirtIOMEMVmemmap *vm,
+                                          uint64_t first, uint64_t unit_pages)
+{
+    const uint64_t end = first + unit_pages;
+    uint64_t zero;
+
+    if (!test_bit(first, vm->bitmap)) {
+        g_assert(find_next_bit(vm->bitmap, end, first) >= end);
+        return 0;
     }
-    virtio_mem_vmemmap_mark(vm, start, size);
-    /* Runs are maximal: the next one starts at least a page later. */
-    *cursor = start + size + PAGE;
+    zero = find_next_zero_bit(vm->bitmap, end, first);
+    g_assert(zero >= end || find_next_bit(vm->bitmap, end, zero) >= end);
+    return MIN(zero, end) - first;
+}
+
+void virtio_mem_vmemmap_encode(const VirtIOMEMVmemmap *vm, uint8_t *buf)
+{
+    uint64_t nr_blocks, unit_pages, block_pages, b, p;
+
+    if (!vm->size) {
+        return;
+    }
+    nr_blocks = vm->region_size / vm->block_size;
+    unit_pages = virtio_mem_vmemmap_unit(vm) / PAGE;
+    block_pages = vm->block_size / PAGE;
+    for (b = find_first_bit(vm->plugged, nr_blocks); b < nr_blocks;
+         b = find_next_bit(vm->plugged, nr_blocks, b + 1)) {
+        for (p = b * block_pages; p < (b + 1) * block_pages;
+             p += unit_pages) {
+            stw_be_p(buf, virtio_mem_vmemmap_prefix(vm, p, unit_pages));
+            buf += sizeof(uint16_t);
+        }
+    }
+}
+
+VirtIOMEMVmemmapCheck virtio_mem_vmemmap_decode(VirtIOMEMVmemmap *vm,
+                                                const uint8_t *buf,
+                                                uint64_t len)
+{
+    uint64_t nr_blocks, unit_pages, block_pages, b, p, i, n;
+
+    if (!virtio_mem_vmemmap_enabled(vm)) {
+        return VIRTIO_MEM_VMEMMAP_DISABLED;
+    }
+    nr_blocks = vm->region_size / vm->block_size;
+    unit_pages = virtio_mem_vmemmap_unit(vm) / PAGE;
+    block_pages = vm->block_size / PAGE;
+    if (len && len != 2 * virtio_mem_vmemmap_plugged_units(vm)) {
+        return VIRTIO_MEM_VMEMMAP_MALFORMED;
+    }
+    for (i = 0; i < len; i += sizeof(uint16_t)) {
+        if (lduw_be_p(buf + i) > unit_pages) {
+            return VIRTIO_MEM_VMEMMAP_MALFORMED;
+        }
+    }
+    virtio_mem_vmemmap_clear(vm);
+    if (!len) {
+        return VIRTIO_MEM_VMEMMAP_OK;
+    }
+    for (b = find_first_bit(vm->plugged, nr_blocks); b < nr_blocks;
+         b = find_next_bit(vm->plugged, nr_blocks, b + 1)) {
+        for (p = b * block_pages; p < (b + 1) * block_pages;
+             p += unit_pages) {
+            n = lduw_be_p(buf);
+            buf += sizeof(uint16_t);
+            if (n) {
+                bitmap_set(vm->bitmap, p, n);
+                vm->size += n * PAGE;
+            }
+        }
+    }
     return VIRTIO_MEM_VMEMMAP_OK;
 }

@@ -359,7 +359,12 @@ static void plan_vmemmap(Req *r, Input *in)
     uint64_t addr, size;
 
     switch (mode) {
-    case 0 ... 3:   /* a few pages in or just past the region */
+    case 0 ... 1:   /* pages from a 2 MiB start, as a driver marks */
+        addr = dev.addr + (uint64_t)(U16(in) % (REGION / (2 * MiB) + 2)) *
+               2 * MiB;
+        size = (uint64_t)(1 + U16(in) % 1024) * PAGE;
+        break;
+    case 2 ... 3:   /* a few pages in or just past the region */
         addr = dev.addr + (uint64_t)(U24(in) % (REGION / PAGE + 16)) * PAGE;
         size = (uint64_t)(1 + U8(in) % 64) * PAGE;
         break;
@@ -368,8 +373,8 @@ static void plan_vmemmap(Req *r, Input *in)
         size = (1 + U8(in) % 2) * BLOCK;
         break;
     case 5:         /* at the end of the usable region */
-        size = (uint64_t)(1 + U8(in) % 4) * PAGE;
-        addr = dev.addr + dev.usable - size + (U8(in) % 3) * PAGE;
+        size = (uint64_t)(1 + U16(in) % 1024) * PAGE;
+        addr = dev.addr + dev.usable - (U8(in) % 3) * 2 * MiB;
         break;
     case 6:         /* below the device, or unaligned */
         addr = dev.addr - (uint64_t)(U8(in) % 4) * PAGE + U8(in) % 2 * 512;

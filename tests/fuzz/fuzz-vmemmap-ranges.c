@@ -2,23 +2,23 @@
  * libFuzzer harness: the virtio-mem vmemmap accounting core
  *
  * What it fuzzes: hw/virtio/virtio-mem-vmemmap.c (the bitmap of marked
- * pages, with QEMU's util/bitmap.c and util/bitops.c) and the VMState
- * glue in hw/virtio/virtio-mem-vmemmap-migration.c (its get/put
- * callbacks, reached through vmstate_virtio_mem_vmemmap, over an
- * in-memory QEMUFile defined below).
+ * pages, with QEMU's util/bitmap.c and util/bitops.c, and the encoding
+ * of that state that migration sends: virtio_mem_vmemmap_encode() and
+ * _decode(); the VMState glue around them is plain VMState).
  *
  * How: any byte string is a geometry (region size, block size, the
  * device's base address, a usable size, a second instance for the
  * migration destination) followed by operations the device performs:
  * plug and unplug of blocks (unplug unmarks, as virtio_mem_set_range_*
- * does), the VMEMMAP request (check, then mark), unmark, clear, save and
- * load of the runs (exact and mutated streams), single load_range calls.
+ * does), the VMEMMAP request (check, then mark), unmark of whole blocks,
+ * clear, encode and decode of the state (exact, mutated and arbitrary).
  * A reference model keeps one byte per 4 KiB page and one per block and
  * predicts every verdict and every count independently of the code under
  * test.  After each operation the runs enumerated with
  * virtio_mem_vmemmap_next_range() must be sorted, disjoint, non-adjacent,
- * inside plugged blocks and equal to the model page for page, and
- * size == sum of the runs == the model's count.  Any difference aborts.
+ * start at a marking unit, lie inside plugged blocks and equal the model
+ * page for page, and size == sum of the runs == the model's count.  Any
+ * difference aborts.
  *
  * Build and run: scripts/fuzz (make fuzz); corpus in
  * tests/fuzz/corpus/vmemmap-ranges/, made by scripts/fuzz --seed-corpus.
@@ -32,92 +32,16 @@
 #include "qemu/bitmap.h"
 #include "qemu/bswap.h"
 #include "qemu/units.h"
-#include "qemu/error-report.h"
-#include "migration/qemu-file-types.h"
 #include "hw/virtio/virtio-mem-vmemmap.h"
 #include "vmemmap-model.h"
 #include "fuzz-input.h"
 
 #define PAGE        MODEL_PAGE
-/* A stream holds at most one run per two pages. */
-#define MAX_STREAM  (4 + MODEL_MAX_PAGES / 2 * 16 + 64)
+#define UNIT        (2 * MiB)     /* every block size here is >= 2 MiB */
+/* The encoded state: 2 bytes per unit, plus room to grow it. */
+#define MAX_STREAM  (2 * MODEL_MAX_REGION / UNIT + 64)
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
-
-/* ---- the migration stream: a QEMUFile over a byte buffer ---- */
-
-struct QEMUFile {
-    uint8_t *buf;
-    size_t len, pos, cap;
-    int error;
-};
-
-static void file_put(QEMUFile *f, uint64_t v, int bytes)
-{
-    int i;
-
-    g_assert(f->len + bytes <= f->cap);
-    for (i = bytes - 1; i >= 0; i--) {
-        f->buf[f->len++] = v >> (8 * i);
-    }
-}
-
-static uint64_t file_get(QEMUFile *f, int bytes)
-{
-    uint64_t v = 0;
-    int i;
-
-    /* Like QEMU's: reading past the end is an error and reads zeroes. */
-    if (f->pos + bytes > f->len) {
-        f->pos = f->len;
-        f->error = -EIO;
-        return 0;
-    }
-    for (i = 0; i < bytes; i++) {
-        v = v << 8 | f->buf[f->pos++];
-    }
-    return v;
-}
-
-void qemu_put_be32(QEMUFile *f, unsigned int v)
-{
-    file_put(f, v, 4);
-}
-
-void qemu_put_be64(QEMUFile *f, uint64_t v)
-{
-    file_put(f, v, 8);
-}
-
-unsigned int qemu_get_be32(QEMUFile *f)
-{
-    return file_get(f, 4);
-}
-
-uint64_t qemu_get_be64(QEMUFile *f)
-{
-    return file_get(f, 8);
-}
-
-int qemu_file_get_error(QEMUFile *f)
-{
-    return f->error;
-}
-
-/* The glue reports why a load fails; format it (UBSan sees the args). */
-void error_report(const char *fmt, ...)
-{
-    char msg[512];
-    va_list ap;
-
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof(msg), fmt, ap);
-    va_end(ap);
-    if (getenv("FUZZ_VERBOSE")) {
-        fprintf(stderr, "error_report: %s\n", msg);
-    }
-}
-
 
 /* ---- the reference model ---- */
 
@@ -160,6 +84,8 @@ static uint64_t check_invariants(Side *s)
         g_assert(start + size <= s->m.region);
         /* sorted, disjoint, and never adjacent (so maximal) */
         g_assert(!n || start > prev_end);
+        /* a run starts at a marking unit, so a unit holds a prefix */
+        g_assert(!(start % UNIT));
         g_assert(model_all(&s->m, start / PAGE, (start + size) / PAGE, 1));
         /* on plugged blocks only */
         for (b = start / block_size; b <= (start + size - 1) / block_size;
@@ -172,10 +98,6 @@ static uint64_t check_invariants(Side *s)
     }
     g_assert(sum == virtio_mem_vmemmap_size(&s->vm));
     g_assert(sum == s->m.nr_marked * PAGE);
-    if (s->m.enabled) {
-        g_assert(virtio_mem_vmemmap_max_ranges(&s->vm) ==
-                 DIV_ROUND_UP(s->m.nr_pages, 2));
-    }
     return n;
 }
 
@@ -203,7 +125,11 @@ static void gen_range(Input *in, const Side *s, uint64_t *addr, uint64_t *size)
     uint64_t first, n;
 
     switch (mode) {
-    case 0 ... 3:   /* a few pages anywhere in or just past the region */
+    case 0 ... 2:   /* pages from a 2 MiB start, as a driver marks */
+        first = U16(in) % (s->m.region / UNIT + 2) * (UNIT / PAGE);
+        n = 1 + U16(in) % (3 * UNIT / PAGE);
+        break;
+    case 3:         /* a few pages anywhere in or just past the region */
         first = U16(in) % (s->m.nr_pages + 16);
         n = 1 + U8(in) % 64;
         break;
@@ -289,10 +215,12 @@ static void op_report(Input *in, Side *s)
     }
 }
 
+/* Unmark whole blocks (the device never unmarks less), maybe past the end. */
 static void op_unmark(Input *in, Side *s)
 {
-    const uint64_t first = U16(in) % (s->m.nr_pages + 16);
-    const uint64_t n = U16(in) % (s->m.nr_pages + 16);
+    const uint64_t bp = block_size / PAGE;
+    const uint64_t first = U8(in) % (s->m.nr_blocks + 2) * bp;
+    const uint64_t n = U8(in) % (s->m.nr_blocks + 2) * bp;
     const uint64_t end = MIN(first + n, s->m.nr_pages);
     uint64_t want = 0;
 
@@ -333,113 +261,110 @@ static void op_next_range(Input *in, Side *s)
     g_assert(!found || (start == first * PAGE && start + size == end * PAGE));
 }
 
-/* The model's own encoding of the runs: what put must write. */
-static size_t model_stream(const Side *s, uint8_t *buf)
+/* The model's own encoding of its state: what encode must write. */
+static size_t model_encode(const Side *s, uint8_t *buf)
 {
-    QEMUFile f = { .buf = buf, .cap = MAX_STREAM };
-    uint64_t i = 0, first, end, n = 0;
+    const uint64_t up = UNIT / PAGE;
+    uint64_t b, p, n;
+    size_t len = 0;
 
-    file_put(&f, 0, 4);
-    while (model_next_run(&s->m, i, s->m.nr_pages, &first, &end)) {
-        file_put(&f, first * PAGE, 8);
-        file_put(&f, (end - first) * PAGE, 8);
-        i = end;
-        n++;
+    if (!s->m.nr_marked) {
+        return 0;
     }
-    stl_be_p(buf, n);
-    return f.len;
+    for (b = 0; b < s->m.nr_blocks; b++) {
+        if (!s->m.blk[b]) {
+            continue;
+        }
+        for (p = b * block_size / PAGE; p < (b + 1) * block_size / PAGE;
+             p += up) {
+            for (n = 0; n < up && s->m.marked[p + n]; n++) {
+                ;
+            }
+            g_assert(len + 2 <= MAX_STREAM);
+            stw_be_p(buf + len, n);
+            len += 2;
+        }
+    }
+    return len;
 }
 
 /*
- * What get must do with @buf: its result, and the destination model
- * updated as the code must leave it.
+ * What decode must do with @buf: its verdict, and the destination model
+ * updated as the code must leave it (unchanged unless OK).
  */
-static int model_load(Side *d, const uint8_t *buf, size_t len)
+static VirtIOMEMVmemmapCheck model_decode(Side *d, const uint8_t *buf,
+                                          size_t len)
 {
-    QEMUFile f = { .buf = (uint8_t *)buf, .len = len };
-    const int32_t nr = file_get(&f, 4);
-    uint64_t cursor = 0, start, size;
-    int32_t i;
+    const uint64_t up = UNIT / PAGE;
+    uint64_t b, p, units = 0;
+    size_t i;
 
     if (!d->m.enabled) {
-        return -EINVAL;
+        return VIRTIO_MEM_VMEMMAP_DISABLED;
     }
-    if (nr < 0 || (uint64_t)nr > DIV_ROUND_UP(d->m.nr_pages, 2)) {
-        return -EINVAL;     /* refused before anything changes */
+    for (b = 0; b < d->m.nr_blocks; b++) {
+        units += d->m.blk[b] ? block_size / UNIT : 0;
+    }
+    if (len && len != 2 * units) {
+        return VIRTIO_MEM_VMEMMAP_MALFORMED;
+    }
+    for (i = 0; i < len; i += 2) {
+        if (lduw_be_p(buf + i) > up) {
+            return VIRTIO_MEM_VMEMMAP_MALFORMED;
+        }
     }
     model_set(&d->m, 0, d->m.nr_pages, 0);
-    for (i = 0; i < nr; i++) {
-        start = file_get(&f, 8);
-        size = file_get(&f, 8);
-        if (f.error) {
-            model_set(&d->m, 0, d->m.nr_pages, 0);
-            return f.error;
+    for (b = 0, i = 0; i < len && b < d->m.nr_blocks; b++) {
+        if (!d->m.blk[b]) {
+            continue;
         }
-        if (model_check(&d->m, 0, d->m.region, start, size) !=
-            VIRTIO_MEM_VMEMMAP_OK || start < cursor) {
-            model_set(&d->m, 0, d->m.nr_pages, 0);
-            return -EINVAL;
+        for (p = b * block_size / PAGE; p < (b + 1) * block_size / PAGE;
+             p += up, i += 2) {
+            model_set(&d->m, p, lduw_be_p(buf + i), 1);
         }
-        model_set(&d->m, start / PAGE, size / PAGE, 1);
-        cursor = start + size + PAGE;
     }
-    return 0;
+    return VIRTIO_MEM_VMEMMAP_OK;
 }
 
-/* Change a valid stream the way a corrupt or hostile source would. */
+/* Change a valid state the way a corrupt or hostile source would. */
 static size_t mutate_stream(Input *in, uint8_t *buf, size_t len)
 {
-    const unsigned nr_pairs = (len - 4) / 16;
-    const unsigned kind = U8(in) % 9;
-    const unsigned k = nr_pairs ? U8(in) % nr_pairs : 0;
-    uint8_t tmp[16];
+    const unsigned kind = U8(in) % 7;
+    const size_t k = len / 2 ? U16(in) % (len / 2) : 0;
+    size_t i;
 
     switch (kind) {
     case 0:         /* exact */
         break;
     case 1:         /* one byte flipped */
-        buf[U16(in) % len] ^= 1 + U8(in) % 255;
+        if (len) {
+            buf[U16(in) % len] ^= 1 + U8(in) % 255;
+        }
         break;
-    case 2:         /* the count changed */
-        stl_be_p(buf, ldl_be_p(buf) + (int8_t)U8(in));
-        break;
-    case 3:         /* truncated */
+    case 2:         /* truncated, maybe to nothing or to an odd length */
         len = U16(in) % (len + 1);
         break;
-    case 4:         /* a pair appended */
-        if (len + 16 <= MAX_STREAM) {
-            stq_be_p(buf + len,
-                     U64(in) % MODEL_MAX_REGION & ~(uint64_t)(PAGE - 1));
-            stq_be_p(buf + len + 8, (1 + U8(in) % 16) * PAGE);
-            stl_be_p(buf, ldl_be_p(buf) + 1);
-            len += 16;
+    case 3:         /* grown by a count or a byte */
+        if (len + 2 <= MAX_STREAM) {
+            stw_be_p(buf + len, U16(in) % (UNIT / PAGE + 2));
+            len += U8(in) & 1 ? 2 : 1;
         }
         break;
-    case 5:         /* two pairs swapped */
-        if (nr_pairs > 1) {
-            unsigned j = U8(in) % nr_pairs;
-
-            memcpy(tmp, buf + 4 + 16 * k, 16);
-            memcpy(buf + 4 + 16 * k, buf + 4 + 16 * j, 16);
-            memcpy(buf + 4 + 16 * j, tmp, 16);
+    case 4:         /* a count changed by a little */
+        if (len) {
+            stw_be_p(buf + 2 * k, lduw_be_p(buf + 2 * k) + (int8_t)U8(in));
         }
         break;
-    case 6:         /* a run grown or shrunk by pages */
-        if (nr_pairs) {
-            uint8_t *p = buf + 4 + 16 * k + (U8(in) & 1 ? 8 : 0);
-
-            stq_be_p(p, ldq_be_p(p) + (int8_t)U8(in) * PAGE);
+    case 5:         /* a count just past a unit */
+        if (len) {
+            stw_be_p(buf + 2 * k, UNIT / PAGE + U8(in) % 2);
         }
         break;
-    case 7:         /* a pair overwritten with anything */
-        if (nr_pairs) {
-            stq_be_p(buf + 4 + 16 * k, U64(in));
-            stq_be_p(buf + 4 + 16 * k + 8, U64(in));
+    default:        /* anything, of any length */
+        len = U16(in) % MAX_STREAM;
+        for (i = 0; i < len; i++) {
+            buf[i] = U8(in);
         }
-        break;
-    default:        /* a count no region can hold */
-        stl_be_p(buf, U8(in) & 1 ? 0x80000000u + U8(in) :
-                 (uint32_t)DIV_ROUND_UP(dst_side.m.nr_pages, 2) + U8(in) % 2);
         break;
     }
     return len;
@@ -447,62 +372,29 @@ static size_t mutate_stream(Input *in, uint8_t *buf, size_t len)
 
 static void op_migrate(Input *in, Side *s, Side *d)
 {
-    const VMStateInfo *info = vmstate_virtio_mem_vmemmap.fields[0].info;
-    QEMUFile f = { .buf = stream_buf, .cap = MAX_STREAM };
     static uint8_t want[MAX_STREAM];
-    size_t want_len;
-    int ret, expect;
+    const size_t want_len = model_encode(s, want);
+    uint64_t len = virtio_mem_vmemmap_encoded_size(&s->vm);
+    VirtIOMEMVmemmapCheck expect, got;
 
-    /* put writes exactly the runs the model holds */
-    g_assert(info->put(&f, &s->vm, sizeof(s->vm), NULL, NULL) == 0);
-    want_len = model_stream(s, want);
-    if (!s->m.enabled) {
-        /* (the device registers the section only with accounting on) */
-        g_assert(f.len == 4 && !ldl_be_p(stream_buf));
-    } else {
-        g_assert(f.len == want_len && !memcmp(stream_buf, want, f.len));
-    }
+    /* encode writes exactly the model's encoding */
+    g_assert(len == want_len && len <= MAX_STREAM);
+    memset(stream_buf, 0xa5, sizeof(stream_buf));
+    virtio_mem_vmemmap_encode(&s->vm, stream_buf);
+    g_assert(!memcmp(stream_buf, want, len));
+    /* nothing past it */
+    g_assert(len == MAX_STREAM || stream_buf[len] == 0xa5);
 
-    f.len = mutate_stream(in, stream_buf, f.len);
-    f.pos = 0;
-    expect = model_load(d, stream_buf, f.len);
-    ret = info->get(&f, &d->vm, sizeof(d->vm), NULL);
-    if (ret != expect) {
-        fprintf(stderr, "load of a %zu-byte stream: got %d, model %d\n",
-                f.len, ret, expect);
+    len = mutate_stream(in, stream_buf, len);
+    expect = model_decode(d, stream_buf, len);
+    got = virtio_mem_vmemmap_decode(&d->vm, stream_buf, len);
+    if (got != expect) {
+        fprintf(stderr, "decode of %" PRIu64 " bytes: got '%s', model '%s'\n",
+                len, virtio_mem_vmemmap_check_str(got),
+                virtio_mem_vmemmap_check_str(expect));
         abort();
     }
     check_all(d);
-}
-
-/* load_range() one call at a time, against the loader's rules. */
-static void op_load_ranges(Input *in, Side *d)
-{
-    const unsigned n = 1 + U8(in) % 16;
-    uint64_t cursor = 0, mcursor = 0, addr, size;
-    VirtIOMEMVmemmapCheck want, got;
-    unsigned i;
-
-    if (U8(in) & 1) {
-        virtio_mem_vmemmap_clear(&d->vm);
-        model_set(&d->m, 0, d->m.nr_pages, 0);
-    }
-    for (i = 0; i < n && in_more(in); i++) {
-        gen_range(in, d, &addr, &size);
-        addr -= base;   /* offsets into the region */
-        want = model_check(&d->m, 0, d->m.region, addr, size);
-        if (want == VIRTIO_MEM_VMEMMAP_OK && addr < mcursor) {
-            want = VIRTIO_MEM_VMEMMAP_UNORDERED;
-        }
-        got = virtio_mem_vmemmap_load_range(&d->vm, &cursor, addr, size);
-        g_assert(got == want);
-        if (got == VIRTIO_MEM_VMEMMAP_OK) {
-            model_set(&d->m, addr / PAGE, size / PAGE, 1);
-            mcursor = addr + size + PAGE;
-        }
-        g_assert(cursor == mcursor);
-        check_invariants(d);
-    }
 }
 
 static void op_copy_plugged(Input *in, Side *s, Side *d)
@@ -603,8 +495,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         case 13:
             op_migrate(&in, &src_side, &dst_side);
             break;
-        case 14:
-            op_load_ranges(&in, &dst_side);
+        case 14:        /* the source's own state back into it */
+            op_migrate(&in, &src_side, &src_side);
             break;
         default:        /* the usable region moves with requested-size */
             /* (one block past the region: the code must clamp it) */

@@ -53,8 +53,12 @@ UNPLUG_ALL = u8(3)
 CLEAR = u8(9)
 
 
+def report_unit(unit, n):           # n pages from the start of 2 MiB unit
+    return u8(4, 0) + u16(unit) + u16(n - 1)
+
+
 def report_pages(first, n):         # n in 1..64 pages at page first
-    return u8(4, 0) + u16(first) + u8(n - 1)
+    return u8(4, 3) + u16(first) + u8(n - 1)
 
 
 def report_big(first, n):           # up to the whole region
@@ -81,8 +85,8 @@ def report_raw(addr, size):
     return u8(4, 9) + u64(addr) + u64(size)
 
 
-def unmark(first, n):
-    return u8(8) + u16(first) + u16(n)
+def unmark(first, n):               # n blocks from block first
+    return u8(8, first, n)
 
 
 def intersects(first, n):
@@ -97,12 +101,12 @@ def copy_plugged(flip=None):
     return u8(12, 0) if flip is None else u8(12, 1, flip)
 
 
-def migrate(*mutation):             # mutation: kind, pair, its bytes
+def migrate(*mutation):             # mutation: kind, count, its bytes
     return u8(13) + (u8(*mutation) if mutation else u8(0))
 
 
-def load_ranges(clear, *ranges):    # ranges: bytes from report_* minus op
-    return u8(14, len(ranges) - 1, clear) + b''.join(r[1:] for r in ranges)
+def migrate_self(*mutation):        # the source's state back into it
+    return u8(14) + (u8(*mutation) if mutation else u8(0))
 
 
 def usable(blocks):
@@ -116,14 +120,14 @@ def ranges_seeds():
         report_blocks(32, 1) + report_blocks(0, 1) + unplug(32, 32) + \
         next_range(0)
     s['bbm-memmaps'] = u8(geo(6, 1), 1) + plug(0, 1) + \
-        report_pages(0, 8) + report_pages(8192, 8) + report_pages(8, 8) + \
-        intersects(0, 32768) + unmark(4, 8)
+        report_unit(0, 8) + report_unit(16, 8) + report_pages(8, 8) + \
+        intersects(0, 32768) + migrate() + unmark(0, 1)
     worst = b''.join(report_pages(p, 1) for p in range(254, -1, -2))
     s['worst-descending'] = u8(g, 1) + plug(0, 1) + worst + migrate() + \
         unplug(0, 1)
-    s['merge-split'] = u8(g, 1) + plug(0, 4) + report_pages(0, 1) + \
-        report_pages(2, 1) + report_pages(1, 1) + unmark(1, 1) + \
-        report_pages(1, 1) + next_range(1)
+    s['merge-split'] = u8(g, 1) + plug(0, 4) + report_unit(0, 512) + \
+        report_unit(1, 3) + report_pages(1, 1) + unmark(1, 1) + \
+        report_unit(1, 1) + next_range(1) + migrate()
     s['unplug-all'] = u8(g, 1) + plug(0, 16) + report_big(0, 4096) + \
         UNPLUG_ALL + report_pages(0, 1) + plug(3, 2) + report_blocks(3, 2)
     s['clear'] = u8(g, 1) + plug(0, 8) + report_pages(10, 30) + CLEAR + \
@@ -134,23 +138,21 @@ def ranges_seeds():
         report_pages(512, 1) + report_pages(0, 1) + report_end(4, 1)
     s['usable-region'] = u8(g, 0b0110) + plug(0, 8) + report_end(1) + \
         report_end(2, 1) + usable(8) + report_end(1) + report_end(3, 2)
-    for kind in range(9):
+    for kind in range(7):
         s['migrate-mutation-%d' % kind] = u8(g, 1) + plug(0, 64) + \
-            report_pages(0, 16) + report_pages(100, 3) + \
+            report_unit(0, 16) + report_unit(3, 600) + \
             report_blocks(10, 1) + copy_plugged() + \
             migrate(kind, 1, 7, 3, 9, 0x55, 0xAA, 0x10, 2, 3, 4, 5, 6, 7, 8)
     s['migrate-unplugged-dest'] = u8(g, 1) + plug(0, 8) + \
-        report_pages(600, 4) + copy_plugged(1) + migrate()
+        report_unit(2, 4) + copy_plugged(1) + migrate()
     s['migrate-half-dest'] = u8(g, 0x21) + plug(0, 64) + \
-        report_blocks(40, 1) + report_pages(0, 2) + copy_plugged() + migrate()
-    s['migrate-dest-off'] = u8(g, 0x81) + plug(0, 4) + report_pages(0, 2) + \
+        report_blocks(40, 1) + report_unit(0, 2) + copy_plugged() + migrate()
+    s['migrate-dest-off'] = u8(g, 0x81) + plug(0, 4) + report_unit(0, 2) + \
         migrate()
-    s['source-off'] = u8(g, 0x41) + plug(0, 4) + report_pages(0, 2) + \
-        unmark(0, 8) + migrate() + load_ranges(0, report_pages(0, 1))
-    s['load-ranges'] = u8(g, 1) + plug(0, 8) + copy_plugged() + \
-        load_ranges(1, report_pages(0, 2), report_pages(3, 1),
-                    report_pages(4, 1), report_pages(2, 1),
-                    report_pages(9, 5), report_raw(1 << 63, 4096))
+    s['source-off'] = u8(g, 0x41) + plug(0, 4) + report_unit(0, 2) + \
+        unmark(0, 8) + migrate() + migrate_self()
+    s['migrate-self'] = u8(g, 1) + plug(0, 8) + report_unit(1, 5) + \
+        migrate_self(4, 1, 9) + migrate_self(6, 7, 0, 1, 2, 3)
     s['base-zero'] = u8(geo(0, 0, 1), 1) + plug(0, 4) + report_pages(0, 1) + \
         report_below(1, 1) + report_raw(0, 0x1000)
     s['base-top'] = u8(geo(0, 0, 3), 1) + plug(0, 32) + \
@@ -163,9 +165,9 @@ def ranges_seeds():
         report_pages(16383, 1) + migrate()
     s['every-op'] = u8(geo(3, 2), 1) + b''.join([
         plug(0, 24), report_pages(5, 5), unplug(1, 1), UNPLUG_ALL,
-        plug(2, 2), report_blocks(2, 1), unmark(0, 9000), CLEAR,
+        plug(2, 2), report_blocks(2, 1), unmark(0, 3), CLEAR,
         intersects(0, 100), next_range(3), copy_plugged(), migrate(),
-        load_ranges(0, report_pages(1, 1)), usable(3)])
+        migrate_self(), usable(3)])
     return s
 
 
@@ -196,8 +198,12 @@ def d_state(block, n):
     return u8(5) + u16(block) + u8(n - 1)
 
 
-def d_vmemmap_pages(page, n):
-    return u8(6, 0) + u16(page) + u8(page >> 16, n - 1)
+def d_vmemmap_pages(page, n):       # n in 1..64 pages at any page
+    return u8(6, 2) + u16(page) + u8(page >> 16, n - 1)
+
+
+def d_vmemmap_unit(unit, n):        # n pages from the start of 2 MiB unit
+    return u8(6, 0) + u16(unit) + u16(n - 1)
 
 
 def d_vmemmap_block(block, n=1):
@@ -220,7 +226,7 @@ def device_seeds():
         batch(d_vmemmap_block(0), d_vmemmap_block(64)) + \
         batch(d_state(0, 4), d_unplug(64, 64)) + batch(D_UNPLUG_ALL)
     s['bbm'] = u8(full) + batch(d_plug(0, 8)) + \
-        batch(d_vmemmap_pages(0, 8), d_vmemmap_pages(2048, 8)) + \
+        batch(d_vmemmap_unit(0, 8), d_vmemmap_unit(4, 8)) + \
         batch(d_unplug(0, 1), d_state(0, 8))
     s['worst-descending'] = u8(full) + batch(d_plug(0, 2)) + b''.join(
         batch(*[d_vmemmap_pages(p - 2 * i, 1) for i in range(8)])
@@ -232,8 +238,8 @@ def device_seeds():
         d_vmemmap_pages(600, 1), d_vmemmap_raw(0, 4096),
         d_vmemmap_raw(0xFFFFFFFFFFFFF000, 0x2000), d_vmemmap_pages(0, 64))
     s['reset-without-feature'] = u8(full) + batch(d_plug(0, 4)) + \
-        batch(d_vmemmap_pages(0, 4)) + u8(1, 0) + batch(d_state(0, 4)) + \
-        u8(1, 1) + batch(d_vmemmap_pages(0, 4))
+        batch(d_vmemmap_unit(0, 4)) + u8(1, 0) + batch(d_state(0, 4)) + \
+        u8(1, 1) + batch(d_vmemmap_unit(0, 4))
     s['unknown-type'] = u8(full) + batch(d_plug(0, 1)) + \
         batch(d_raw(9, 0, 0)) + batch(d_state(0, 1))
     s['short-buffers'] = u8(full) + batch(d_raw(0, 0, 0, (8, 10))) + \

@@ -108,6 +108,9 @@ static inline VirtIOMEMVmemmapCheck model_check(const Model *m, uint64_t b,
     if (addr % MODEL_PAGE || size % MODEL_PAGE) {
         return VIRTIO_MEM_VMEMMAP_UNALIGNED;
     }
+    if (addr % (2 * MiB)) {
+        return VIRTIO_MEM_VMEMMAP_UNALIGNED_START;
+    }
     if (end > UINT64_MAX) {
         return VIRTIO_MEM_VMEMMAP_OVERFLOW;
     }

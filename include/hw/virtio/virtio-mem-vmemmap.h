@@ -28,6 +28,13 @@
 
 /* Granularity of a vmemmap range: the smallest page size of any guest. */
 #define VIRTIO_MEM_VMEMMAP_ALIGN 4096
+/*
+ * A range starts at a multiple of this (guest physical).  With whole
+ * blocks unplugged at once, every run of marks then starts at a multiple
+ * of the marking unit, min(block size, this), and the marks inside each
+ * unit are a prefix of it: one count per unit is the whole state.
+ */
+#define VIRTIO_MEM_VMEMMAP_START_ALIGN (2 * 1024 * 1024)
 
 typedef struct VirtIOMEMVmemmap {
     /* One bit per VIRTIO_MEM_VMEMMAP_ALIGN bytes of the region. */
@@ -40,6 +47,10 @@ typedef struct VirtIOMEMVmemmap {
     uint64_t region_size;
     uint64_t block_size;
     const unsigned long *plugged;
+
+    /* Migration only: the encoded state, between save or load steps. */
+    uint32_t mig_len;
+    uint8_t *mig_buf;
 } VirtIOMEMVmemmap;
 
 /* Why a range may not be marked (or loaded). */
@@ -47,12 +58,13 @@ typedef enum VirtIOMEMVmemmapCheck {
     VIRTIO_MEM_VMEMMAP_OK = 0,
     VIRTIO_MEM_VMEMMAP_EMPTY,
     VIRTIO_MEM_VMEMMAP_UNALIGNED,
+    VIRTIO_MEM_VMEMMAP_UNALIGNED_START,
     VIRTIO_MEM_VMEMMAP_OVERFLOW,
     VIRTIO_MEM_VMEMMAP_OUTSIDE,
     VIRTIO_MEM_VMEMMAP_UNPLUGGED,
     VIRTIO_MEM_VMEMMAP_OVERLAP,
-    VIRTIO_MEM_VMEMMAP_UNORDERED,
     VIRTIO_MEM_VMEMMAP_DISABLED,
+    VIRTIO_MEM_VMEMMAP_MALFORMED,
 } VirtIOMEMVmemmapCheck;
 
 void virtio_mem_vmemmap_init(VirtIOMEMVmemmap *vm);
@@ -87,7 +99,11 @@ const char *virtio_mem_vmemmap_check_str(VirtIOMEMVmemmapCheck check);
 /* Mark a range (offset into the region) that the check accepted. */
 void virtio_mem_vmemmap_mark(VirtIOMEMVmemmap *vm, uint64_t start,
                              uint64_t size);
-/* Unmark everything inside [@start, @start + @size); returns the bytes. */
+/*
+ * Unmark everything inside [@start, @start + @size); returns the bytes.
+ * The device unmarks whole blocks: a range of whole marking units keeps
+ * the marks of each unit a prefix of it, which the encoding relies on.
+ */
 uint64_t virtio_mem_vmemmap_unmark(VirtIOMEMVmemmap *vm, uint64_t start,
                                    uint64_t size);
 void virtio_mem_vmemmap_clear(VirtIOMEMVmemmap *vm);
@@ -104,36 +120,46 @@ bool virtio_mem_vmemmap_intersects(const VirtIOMEMVmemmap *vm,
 /*
  * The first run of marked bytes at or after @offset, as @start and @size;
  * false if there is none.  From 0 or from the end of the previous run,
- * this walks the maximal runs, which are what migration sends and what
- * tools show: sorted, disjoint and never adjacent.  (From an offset
- * inside a run it returns the rest of that run.)
+ * this walks the maximal runs, which are what tools show: sorted,
+ * disjoint and never adjacent.  (From an offset inside a run it returns
+ * the rest of that run.)
  */
 bool virtio_mem_vmemmap_next_range(const VirtIOMEMVmemmap *vm,
                                    uint64_t offset, uint64_t *start,
                                    uint64_t *size);
 uint64_t virtio_mem_vmemmap_nr_ranges(const VirtIOMEMVmemmap *vm);
 
-/*
- * The most runs a region can hold: they are never adjacent, so one per
- * two pages.  Bounds what a migration stream may claim.
- */
-uint64_t virtio_mem_vmemmap_max_ranges(const VirtIOMEMVmemmap *vm);
+/* The marking unit: min(block size, VIRTIO_MEM_VMEMMAP_START_ALIGN). */
+uint64_t virtio_mem_vmemmap_unit(const VirtIOMEMVmemmap *vm);
 
 /*
- * Loading runs one by one from an untrusted source: each must be one
- * that the check accepts and start after the end of the one before it
- * plus at least one page (@cursor, 0 before the first).  Marks it and
- * advances @cursor, or changes nothing and says why.
+ * The state as migration sends it: nothing while nothing is marked, else
+ * one big-endian 16-bit count per marking unit of each plugged block, in
+ * ascending order: the pages marked from the unit's start.  At most
+ * 2 bytes per unit of plugged memory (1 MiB per TiB with units of 2 MiB),
+ * whatever the guest did.  virtio_mem_vmemmap_encoded_size() is its
+ * length in bytes; virtio_mem_vmemmap_encode() writes that many to @buf.
  */
-VirtIOMEMVmemmapCheck virtio_mem_vmemmap_load_range(VirtIOMEMVmemmap *vm,
-                                                    uint64_t *cursor,
-                                                    uint64_t start,
-                                                    uint64_t size);
+uint64_t virtio_mem_vmemmap_encoded_size(const VirtIOMEMVmemmap *vm);
+void virtio_mem_vmemmap_encode(const VirtIOMEMVmemmap *vm, uint8_t *buf);
 
 /*
- * Migration: the runs as a count and (start, size) pairs, written from
- * the bitmap and read back through virtio_mem_vmemmap_load_range(), so
- * neither side ever holds a copy.  virtio-mem-vmemmap-migration.c.
+ * Replace the marks with the state in @buf (@len bytes) from an untrusted
+ * source, for the plugged blocks the device has now.  The length must be
+ * 0 or virtio_mem_vmemmap_encoded_size() with something marked, and no
+ * count may exceed a unit; otherwise nothing changes and the answer is
+ * VIRTIO_MEM_VMEMMAP_MALFORMED (VIRTIO_MEM_VMEMMAP_DISABLED without
+ * accounting).
+ */
+VirtIOMEMVmemmapCheck virtio_mem_vmemmap_decode(VirtIOMEMVmemmap *vm,
+                                                const uint8_t *buf,
+                                                uint64_t len);
+
+/*
+ * Migration: the encoded state as a length and a buffer (made in
+ * pre_save, freed in post_save; checked and applied in post_load), so
+ * that the stream is plain VMState that analyze-migration.py can read.
+ * virtio-mem-vmemmap-migration.c.
  */
 extern const VMStateDescription vmstate_virtio_mem_vmemmap;
 
