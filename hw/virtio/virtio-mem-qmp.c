@@ -23,6 +23,9 @@
 #include "monitor/hmp.h"
 #include "monitor/monitor.h"
 #include "migration/misc.h"
+#include "block/thread-pool.h"
+#include "qemu/coroutine.h"
+#include "system/runstate.h"
 #include "exec/cpu-common.h"
 #include "hw/virtio/virtio-mem.h"
 
@@ -33,14 +36,12 @@
  */
 #define VIRTIO_MEM_FOOTPRINT_CHUNK (256 * MiB)
 
-/* Resident bytes in [@offset, @offset + @size) of the device's memory. */
-static int virtio_mem_resident(VirtIOMEM *vmem, uint64_t offset,
-                               uint64_t size, uint64_t *resident,
-                               Error **errp)
+/* Resident bytes in [@host, @host + @size). */
+static int virtio_mem_resident(uint8_t *host, uint64_t size,
+                               uint64_t *resident, Error **errp)
 {
     const size_t page = qemu_real_host_page_size();
     const size_t vec_len = VIRTIO_MEM_FOOTPRINT_CHUNK / page;
-    uint8_t *host = memory_region_get_ram_ptr(&vmem->memdev->mr);
     g_autofree uint64_t *vec = g_malloc(ROUND_UP(vec_len, 8));
     uint64_t done;
 
@@ -51,10 +52,12 @@ static int virtio_mem_resident(VirtIOMEM *vmem, uint64_t offset,
         size_t i;
 
         memset(vec, 0, ROUND_UP(pages, 8));
-        if (mincore(host + offset + done, len, (unsigned char *)vec)) {
-            error_setg_errno(errp, errno, "mincore() on the memory of"
+        if (mincore(host + done, len, (unsigned char *)vec)) {
+            const int err = errno;
+
+            error_setg_errno(errp, err, "mincore() on the memory of"
                              " virtio-mem device failed");
-            return -errno;
+            return -err;
         }
         /* One byte per page, bit 0 set if resident: eight pages a word. */
         for (i = 0; i < DIV_ROUND_UP(pages, 8); i++) {
@@ -67,51 +70,34 @@ static int virtio_mem_resident(VirtIOMEM *vmem, uint64_t offset,
 }
 
 /*
- * Call @fn for each maximal run of blocks that are all plugged or all
- * unplugged, with the run's offset, size and state.
+ * Call @fn for each maximal run of blocks in @bitmap (@nr_blocks bits,
+ * set == plugged) that are all plugged or all unplugged, from block
+ * @first on, with the run's offset, size and state.
  */
-static int virtio_mem_for_each_run(VirtIOMEM *vmem,
-                                   int (*fn)(VirtIOMEM *vmem, uint64_t offset,
+static int virtio_mem_for_each_run(const unsigned long *bitmap,
+                                   unsigned long nr_blocks,
+                                   uint64_t block_size, unsigned long first,
+                                   int (*fn)(void *opaque, uint64_t offset,
                                              uint64_t size, bool plugged,
-                                             void *opaque, Error **errp),
+                                             Error **errp),
                                    void *opaque, Error **errp)
 {
-    unsigned long first = 0, end;
+    unsigned long end;
     int ret;
 
-    while (first < vmem->bitmap_size) {
-        const bool plugged = test_bit(first, vmem->bitmap);
+    while (first < nr_blocks) {
+        const bool plugged = test_bit(first, bitmap);
 
-        end = plugged ?
-              find_next_zero_bit(vmem->bitmap, vmem->bitmap_size, first) :
-              find_next_bit(vmem->bitmap, vmem->bitmap_size, first);
-        ret = fn(vmem, first * vmem->block_size,
-                 (end - first) * vmem->block_size, plugged, opaque, errp);
+        end = plugged ? find_next_zero_bit(bitmap, nr_blocks, first) :
+                        find_next_bit(bitmap, nr_blocks, first);
+        ret = fn(opaque, first * block_size, (end - first) * block_size,
+                 plugged, errp);
         if (ret) {
             return ret;
         }
         first = end;
     }
     return 0;
-}
-
-static int virtio_mem_footprint_run(VirtIOMEM *vmem, uint64_t offset,
-                                    uint64_t size, bool plugged,
-                                    void *opaque, Error **errp)
-{
-    VirtioMEMFootprint *fp = opaque;
-    uint64_t resident;
-    int ret;
-
-    ret = virtio_mem_resident(vmem, offset, size, &resident, errp);
-    if (!ret) {
-        if (plugged) {
-            fp->plugged_resident += resident;
-        } else {
-            fp->unplugged_resident += resident;
-        }
-    }
-    return ret;
 }
 
 /* The memory device a virtio-mem backend belongs to (virtio-mem-pci). */
@@ -122,16 +108,56 @@ static DeviceState *virtio_mem_proxy(VirtIOMEM *vmem)
     return parent ? DEVICE(parent) : DEVICE(vmem);
 }
 
-typedef struct VirtIOMEMFootprintWalk {
-    VirtioMEMFootprintList **tail;
-    Error **errp;
-} VirtIOMEMFootprintWalk;
+/*
+ * One device's footprint scan: what it needs, copied or referenced under
+ * the BQL, so that it can run in a worker thread without it.
+ */
+typedef struct VirtIOMEMScan {
+    Object *backend;            /* a reference: keeps the memory mapped */
+    uint8_t *host;
+    uint64_t block_size;
+    unsigned long nr_blocks;
+    unsigned long *plugged;     /* a copy of the device's bitmap */
+    VirtioMEMFootprint *fp;
+    Error *err;
+} VirtIOMEMScan;
+
+static int virtio_mem_footprint_run(void *opaque, uint64_t offset,
+                                    uint64_t size, bool plugged,
+                                    Error **errp)
+{
+    VirtIOMEMScan *scan = opaque;
+    uint64_t resident;
+    int ret;
+
+    ret = virtio_mem_resident(scan->host + offset, size, &resident, errp);
+    if (!ret) {
+        if (plugged) {
+            scan->fp->plugged_resident += resident;
+        } else {
+            scan->fp->unplugged_resident += resident;
+        }
+    }
+    return ret;
+}
+
+/* The scan itself: no BQL needed, it touches only what @opaque holds. */
+static int virtio_mem_footprint_scan(void *opaque)
+{
+    VirtIOMEMScan *scan = opaque;
+
+    return virtio_mem_for_each_run(scan->plugged, scan->nr_blocks,
+                                   scan->block_size, 0,
+                                   virtio_mem_footprint_run, scan,
+                                   &scan->err);
+}
 
 static int virtio_mem_footprint_one(Object *obj, void *opaque)
 {
-    VirtIOMEMFootprintWalk *walk = opaque;
+    GPtrArray *scans = opaque;
     VirtIOMEM *vmem = (VirtIOMEM *)object_dynamic_cast(obj, TYPE_VIRTIO_MEM);
-    g_autoptr(VirtioMEMFootprint) fp = NULL;
+    VirtioMEMFootprint *fp;
+    VirtIOMEMScan *scan;
     DeviceState *proxy;
 
     if (!vmem || !DEVICE(vmem)->realized) {
@@ -145,23 +171,52 @@ static int virtio_mem_footprint_one(Object *obj, void *opaque)
     fp->has_vmemmap_size = vmem->vmemmap_accounting;
     fp->vmemmap_size = virtio_mem_vmemmap_size(&vmem->vmemmap);
     fp->region_size = memory_region_size(&vmem->memdev->mr);
-    if (virtio_mem_for_each_run(vmem, virtio_mem_footprint_run, fp,
-                                walk->errp)) {
-        return -1;
-    }
-    QAPI_LIST_APPEND(walk->tail, g_steal_pointer(&fp));
+
+    scan = g_new0(VirtIOMEMScan, 1);
+    scan->fp = fp;
+    scan->backend = object_ref(OBJECT(vmem->memdev));
+    scan->host = memory_region_get_ram_ptr(&vmem->memdev->mr);
+    scan->block_size = vmem->block_size;
+    scan->nr_blocks = vmem->bitmap_size;
+    scan->plugged = bitmap_new(vmem->bitmap_size);
+    bitmap_copy(scan->plugged, vmem->bitmap, vmem->bitmap_size);
+    g_ptr_array_add(scans, scan);
     return 0;
 }
 
-VirtioMEMFootprintList *qmp_query_virtio_mem_footprint(Error **errp)
+/*
+ * Under the BQL, only the copies: the devices' plugged bitmaps (64 KiB
+ * for a TiB of 2 MiB blocks).  From a QMP coroutine each scan then runs
+ * in the thread pool while the coroutine yields, so the BQL is free for
+ * vCPUs and other monitors; from HMP (no coroutine) it runs right here.
+ */
+VirtioMEMFootprintList *coroutine_mixed_fn qmp_query_virtio_mem_footprint(
+    Error **errp)
 {
-    VirtioMEMFootprintList *list = NULL;
-    VirtIOMEMFootprintWalk walk = { .tail = &list, .errp = errp };
+    g_autoptr(GPtrArray) scans = g_ptr_array_new();
+    VirtioMEMFootprintList *list = NULL, **tail = &list;
+    guint i;
 
-    if (object_child_foreach_recursive(object_get_root(),
-                                       virtio_mem_footprint_one, &walk)) {
-        qapi_free_VirtioMEMFootprintList(list);
-        return NULL;
+    object_child_foreach_recursive(object_get_root(),
+                                   virtio_mem_footprint_one, scans);
+    for (i = 0; i < scans->len; i++) {
+        VirtIOMEMScan *scan = g_ptr_array_index(scans, i);
+
+        if (qemu_in_coroutine()) {
+            thread_pool_submit_co(virtio_mem_footprint_scan, scan);
+        } else {
+            virtio_mem_footprint_scan(scan);
+        }
+        if (scan->err) {
+            scan->fp->plugged_resident = 0;
+            scan->fp->unplugged_resident = 0;
+            scan->fp->error = g_strdup(error_get_pretty(scan->err));
+            error_free(scan->err);
+        }
+        QAPI_LIST_APPEND(tail, scan->fp);
+        object_unref(scan->backend);
+        g_free(scan->plugged);
+        g_free(scan);
     }
     return list;
 }
@@ -189,17 +244,24 @@ static VirtIOMEM *virtio_mem_find(const char *path, Error **errp)
     return VIRTIO_MEM(backend);
 }
 
-static int virtio_mem_scrub_run(VirtIOMEM *vmem, uint64_t offset,
-                                uint64_t size, bool plugged, void *opaque,
-                                Error **errp)
+typedef struct VirtIOMEMScrub {
+    VirtIOMEM *vmem;
+    uint64_t discarded;
+} VirtIOMEMScrub;
+
+static int virtio_mem_scrub_run(void *opaque, uint64_t offset,
+                                uint64_t size, bool plugged, Error **errp)
 {
-    uint64_t *discarded = opaque, resident;
+    VirtIOMEMScrub *scrub = opaque;
+    VirtIOMEM *vmem = scrub->vmem;
+    uint8_t *host = memory_region_get_ram_ptr(&vmem->memdev->mr);
+    uint64_t resident;
     int ret;
 
     if (plugged) {
         return 0;
     }
-    ret = virtio_mem_resident(vmem, offset, size, &resident, errp);
+    ret = virtio_mem_resident(host + offset, size, &resident, errp);
     if (ret || !resident) {
         return ret;
     }
@@ -209,32 +271,75 @@ static int virtio_mem_scrub_run(VirtIOMEM *vmem, uint64_t offset,
                          " 0x%" PRIx64 " failed", offset);
         return ret;
     }
-    *discarded += resident;
+    scrub->discarded += resident;
     return 0;
+}
+
+/*
+ * Scrubbing discards memory this QEMU believes unplugged.  That belief
+ * is only the guest's truth while this QEMU owns the guest's memory and
+ * its plugged bitmap is current; refuse whenever it may not be.
+ */
+static bool virtio_mem_scrub_allowed(VirtIOMEM *vmem, const char *qom_path,
+                                     Error **errp)
+{
+    const RunState state = runstate_get();
+
+    /*
+     * A destination before (or while) its state arrives: with
+     * x-early-migration=off, plugged blocks look unplugged until the
+     * device section is loaded, and RAM may already be in them.
+     */
+    if (state == RUN_STATE_INMIGRATE || state == RUN_STATE_RESTORE_VM ||
+        migration_in_incoming_postcopy()) {
+        error_setg(errp, "the VM's state is still arriving (run state '%s');"
+                   " scrub '%s' once it runs", RunState_str(state),
+                   qom_path);
+        return false;
+    }
+    /*
+     * A source during or after its migration: another QEMU may be
+     * running (or about to run) the guest; on shared memory it would
+     * lose what we discard.
+     */
+    if (state == RUN_STATE_FINISH_MIGRATE || state == RUN_STATE_POSTMIGRATE ||
+        migration_is_running()) {
+        error_setg(errp, "the VM is being or has been migrated (run state"
+                   " '%s'); scrub '%s' only after a migration has finished"
+                   " and the VM runs here again", RunState_str(state),
+                   qom_path);
+        return false;
+    }
+    /*
+     * Memory that migration leaves in place (x-ignore-shared on a shared
+     * file, cpr-transfer) is mapped by the other QEMU as well.
+     */
+    if (migrate_ram_is_ignored(vmem->memdev->mr.ram_block)) {
+        error_setg(errp, "the memory of '%s' is not migrated but shared with"
+                   " a migration destination (x-ignore-shared or"
+                   " cpr-transfer); not scrubbing it", qom_path);
+        return false;
+    }
+    return true;
 }
 
 VirtioMEMScrubResult *qmp_x_virtio_mem_scrub(const char *qom_path,
                                              Error **errp)
 {
     VirtIOMEM *vmem = virtio_mem_find(qom_path, errp);
-    uint64_t discarded = 0;
+    VirtIOMEMScrub scrub = { .vmem = vmem };
     VirtioMEMScrubResult *res;
 
-    if (!vmem) {
+    if (!vmem || !virtio_mem_scrub_allowed(vmem, qom_path, errp)) {
         return NULL;
     }
-    /* Unplugged memory is not migrated; leave it alone until the end. */
-    if (migration_is_running() || migration_in_incoming_postcopy()) {
-        error_setg(errp, "a migration is running; scrub '%s' after it has"
-                   " finished", qom_path);
-        return NULL;
-    }
-    if (virtio_mem_for_each_run(vmem, virtio_mem_scrub_run, &discarded,
-                                errp)) {
+    if (virtio_mem_for_each_run(vmem->bitmap, vmem->bitmap_size,
+                                vmem->block_size, 0, virtio_mem_scrub_run,
+                                &scrub, errp)) {
         return NULL;
     }
     res = g_new0(VirtioMEMScrubResult, 1);
-    res->discarded = discarded;
+    res->discarded = scrub.discarded;
     return res;
 }
 
@@ -263,35 +368,80 @@ void hmp_info_virtio_mem_footprint(Monitor *mon, const QDict *qdict)
                        fp->plugged_resident);
         monitor_printf(mon, "  unplugged-resident: %" PRIu64 "\n",
                        fp->unplugged_resident);
+        if (fp->error) {
+            monitor_printf(mon, "  error: %s\n", fp->error);
+        }
     }
 }
 
-static int virtio_mem_state_run(VirtIOMEM *vmem, uint64_t offset,
-                                uint64_t size, bool plugged, void *opaque,
-                                Error **errp)
+/* The most runs x-query-virtio-mem-state returns per list and call. */
+#define VIRTIO_MEM_STATE_MAX_RUNS 1024
+
+typedef struct VirtIOMEMStateWalk {
+    VirtioMEMRangeList **tail;
+    uint64_t start;
+    unsigned n;
+    uint64_t cut;       /* where the first run that did not fit starts */
+} VirtIOMEMStateWalk;
+
+/* Add [@offset, @offset + @size) cut at @w->start, or stop the walk. */
+static int virtio_mem_state_add(VirtIOMEMStateWalk *w, uint64_t offset,
+                                uint64_t size)
 {
-    VirtioMEMRangeList ***tail = opaque;
     VirtioMEMRange *r;
 
-    if (plugged) {
-        r = g_new0(VirtioMEMRange, 1);
-        r->offset = offset;
-        r->length = size;
-        QAPI_LIST_APPEND(*tail, r);
+    if (offset + size <= w->start) {
+        return 0;
     }
+    if (offset < w->start) {
+        size -= w->start - offset;
+        offset = w->start;
+    }
+    if (w->n == VIRTIO_MEM_STATE_MAX_RUNS) {
+        w->cut = offset;
+        return 1;
+    }
+    r = g_new0(VirtioMEMRange, 1);
+    r->offset = offset;
+    r->length = size;
+    QAPI_LIST_APPEND(w->tail, r);
+    w->n++;
     return 0;
 }
 
+static int virtio_mem_state_run(void *opaque, uint64_t offset, uint64_t size,
+                                bool plugged, Error **errp)
+{
+    return plugged ? virtio_mem_state_add(opaque, offset, size) : 0;
+}
+
+/* Drop what lies at or past @cut from @list; cut the run that crosses it. */
+static void virtio_mem_state_cut(VirtioMEMRangeList **list, uint64_t cut)
+{
+    while (*list && (*list)->value->offset < cut) {
+        VirtioMEMRange *r = (*list)->value;
+
+        r->length = MIN(r->length, cut - r->offset);
+        list = &(*list)->next;
+    }
+    qapi_free_VirtioMEMRangeList(*list);
+    *list = NULL;
+}
+
 VirtioMEMState *qmp_x_query_virtio_mem_state(const char *qom_path,
+                                             bool has_start, uint64_t start,
                                              Error **errp)
 {
     VirtIOMEM *vmem = virtio_mem_find(qom_path, errp);
-    VirtioMEMRangeList **tail;
-    uint64_t offset = 0, start, size;
+    VirtIOMEMStateWalk plugged, vmemmap;
+    uint64_t offset, run_start, size;
     VirtioMEMState *st;
 
     if (!vmem) {
         return NULL;
+    }
+    if (!has_start) {
+        start = 0;
     }
     st = g_new0(VirtioMEMState, 1);
     st->size = vmem->size;
@@ -300,17 +450,31 @@ VirtioMEMState *qmp_x_query_virtio_mem_state(const char *qom_path,
     st->block_size = vmem->block_size;
     st->region_size = memory_region_size(&vmem->memdev->mr);
     st->usable_region_size = vmem->usable_region_size;
-    tail = &st->plugged;
-    virtio_mem_for_each_run(vmem, virtio_mem_state_run, &tail, &error_abort);
-    tail = &st->vmemmap;
-    while (virtio_mem_vmemmap_next_range(&vmem->vmemmap, offset, &start,
-                                         &size)) {
-        VirtioMEMRange *r = g_new0(VirtioMEMRange, 1);
+    if (start >= st->region_size) {
+        return st;
+    }
 
-        r->offset = start;
-        r->length = size;
-        QAPI_LIST_APPEND(tail, r);
-        offset = start + size;
+    plugged = (VirtIOMEMStateWalk) {
+        .tail = &st->plugged, .start = start, .cut = UINT64_MAX,
+    };
+    virtio_mem_for_each_run(vmem->bitmap, vmem->bitmap_size,
+                            vmem->block_size, start / vmem->block_size,
+                            virtio_mem_state_run, &plugged, &error_abort);
+    vmemmap = (VirtIOMEMStateWalk) {
+        .tail = &st->vmemmap, .start = start, .cut = UINT64_MAX,
+    };
+    offset = start;
+    while (virtio_mem_vmemmap_next_range(&vmem->vmemmap, offset, &run_start,
+                                         &size) &&
+           !virtio_mem_state_add(&vmemmap, run_start, size)) {
+        offset = run_start + size;
+    }
+    /* Both lists end where the first of them had to stop. */
+    if (MIN(plugged.cut, vmemmap.cut) != UINT64_MAX) {
+        st->has_next = true;
+        st->next = MIN(plugged.cut, vmemmap.cut);
+        virtio_mem_state_cut(&st->plugged, st->next);
+        virtio_mem_state_cut(&st->vmemmap, st->next);
     }
     return st;
 }
