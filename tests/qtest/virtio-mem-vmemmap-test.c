@@ -936,6 +936,28 @@ static void test_worst_pattern(void)
     g_assert_cmpuint(bytes, >, base_bytes);
     g_assert_cmpuint(bytes - base_bytes, <=, WORST_BOUND);
 
+    /*
+     * The vmdesc describes the state: scripts/analyze-migration.py (run
+     * from the build directory, as migration-test does; meson sets
+     * PYTHON) reads the stream and shows the state's length.
+     */
+    if (g_getenv("PYTHON")) {
+        const char *argv[] = {
+            g_getenv("PYTHON"), "scripts/analyze-migration.py", "-f", path,
+            NULL
+        };
+        g_autofree char *out = NULL, *err = NULL;
+        int status;
+
+        g_assert_true(g_spawn_sync(NULL, (char **)argv, NULL, 0, NULL, NULL,
+                                   &out, &err, &status, NULL));
+        if (!WIFEXITED(status) || WEXITSTATUS(status)) {
+            g_test_message("analyze-migration.py: %s", err);
+        }
+        g_assert_true(WIFEXITED(status) && !WEXITSTATUS(status));
+        g_assert_nonnull(strstr(out, "\"mig_len\": \"0x00001000\""));
+    }
+
     /* ... and it is the whole state: a destination gets every mark. */
     dst = qemu_start_sized(NULL, WORST_REGION, opts, incoming);
     wait_running(dst);
@@ -1181,7 +1203,8 @@ static void test_state_paging(void)
     g_assert_cmpuint(qom_get_u64(d->qts, "vmemmap-size"), ==, runs * 4 * KiB);
 
     for (;;) {
-        QDict *rsp = qtest_qmp(d->qts, "{ 'execute': 'x-query-virtio-mem-state',"
+        QDict *rsp = qtest_qmp(d->qts, "{ 'execute':"
+                               " 'x-query-virtio-mem-state',"
                                " 'arguments': { 'qom-path': 'vm0',"
                                " 'start': %" PRIu64 " } }", start);
         QDict *st = qdict_get_qdict(rsp, "return");
