@@ -9,6 +9,7 @@
 #include "qemu/osdep.h"
 #include "qemu/bitmap.h"
 #include "qemu/bswap.h"
+#include "qemu/host-utils.h"
 #include "hw/virtio/virtio-mem-vmemmap.h"
 
 #define PAGE VIRTIO_MEM_VMEMMAP_ALIGN
@@ -265,15 +266,37 @@ static uint64_t virtio_mem_vmemmap_prefix(const VirtIOMEMVmemmap *vm,
                                           uint64_t first, uint64_t unit_pages)
 {
     const uint64_t end = first + unit_pages;
-    uint64_t zero;
+    const unsigned long *w;
+    uint64_t zero, n, i;
 
-    if (!test_bit(first, vm->bitmap)) {
-        g_assert(find_next_bit(vm->bitmap, end, first) >= end);
-        return 0;
+    if (first % BITS_PER_LONG || unit_pages % BITS_PER_LONG) {
+        if (!test_bit(first, vm->bitmap)) {
+            g_assert(find_next_bit(vm->bitmap, end, first) >= end);
+            return 0;
+        }
+        zero = find_next_zero_bit(vm->bitmap, end, first);
+        g_assert(zero >= end || find_next_bit(vm->bitmap, end, zero) >= end);
+        return MIN(zero, end) - first;
     }
-    zero = find_next_zero_bit(vm->bitmap, end, first);
-    g_assert(zero >= end || find_next_bit(vm->bitmap, end, zero) >= end);
-    return MIN(zero, end) - first;
+    /*
+     * Whole words (a unit of 1 MiB or more): ones, then at most one
+     * partial word, then zeroes.  Encoding a TiB of units is one pass
+     * over its 32 MiB of bitmap, under the BQL.
+     */
+    w = vm->bitmap + first / BITS_PER_LONG;
+    for (i = 0, n = 0; i < unit_pages / BITS_PER_LONG && w[i] == ~0UL; i++) {
+        n += BITS_PER_LONG;
+    }
+    if (i < unit_pages / BITS_PER_LONG) {
+        const unsigned ones = ctzl(~w[i]);
+
+        g_assert(!(w[i] >> ones));
+        n += ones;
+        for (i++; i < unit_pages / BITS_PER_LONG; i++) {
+            g_assert(!w[i]);
+        }
+    }
+    return n;
 }
 
 void virtio_mem_vmemmap_encode(const VirtIOMEMVmemmap *vm, uint8_t *buf)
