@@ -29,6 +29,10 @@ demo:
 	./scripts/demo
 checkpatch:
 	./scripts/checkpatch
+# The posted QEMU series: every step built on Debian's orig tarball, its
+# tests, the manuals with Sphinx -W (about an hour cold).
+series-check:
+	./scripts/qemu-series check 10.0
 # The host package, build/deb/qemu-system-x86-vmemmap_*.deb.
 deb:
 	./scripts/build-deb
