@@ -2,7 +2,7 @@
 # Convenience targets; the scripts under scripts/ are the interface.
 -include config.mk
 
-.PHONY: all qemu guest tools check check-qemu check-guest demo bench checkpatch deb clean dkms-deb
+.PHONY: all qemu guest tools check check-qemu check-guest demo bench checkpatch series-check deb clean dkms-deb
 
 all:
 	./scripts/build
