@@ -448,7 +448,10 @@ class FakeMonitor:
         conn, _ = self.srv.accept()
         with conn:
             if self.greeting:
-                conn.sendall(self.greeting)
+                try:
+                    conn.sendall(self.greeting)
+                except OSError:
+                    return      # the tool hung up before reading it all
             while True:
                 data = conn.recv(4096)
                 if not data:
@@ -495,6 +498,18 @@ def qmp_socket_errors(vm):
     log(f'silent socket: exit after {time.monotonic() - t0:.1f} s')
     check('sent no QMP greeting' in p.stderr, p.stderr)
     check(m.got == b'', f'the tool wrote {m.got!r} into a silent socket')
+
+    # JSON-looking bytes that never end a line: the tool stops reading at
+    # a bound, it does not buffer all of them until the greeting timeout.
+    with FakeMonitor(path, b'{' + b'a' * (8 << 20)) as m:
+        t0 = time.monotonic()
+        p = vm.tool('show', sock=path, expect=EXIT['usage'])
+        took = time.monotonic() - t0
+    log(f'endless greeting line: exit after {took:.1f} s')
+    check('is not a QMP socket' in p.stderr, p.stderr)
+    check(took < 3, f'the tool read an endless greeting line for {took:.1f} '
+          f's (the greeting timeout is 5 s): it buffered it unbounded')
+    check(m.got == b'', f'the tool wrote {m.got!r} into a non-QMP socket')
     check(vm.limit() == limit, f'limit {vm.limit()} != {limit}')
 
 

@@ -22,6 +22,8 @@
 #define QMP_REPLY_TIMEOUT_MS 30000
 /* QEMU greets at once; a monitor that stays silent this long is no QMP. */
 #define QMP_GREETING_TIMEOUT_MS 5000
+/* QEMU's greeting is a few hundred bytes; more without a newline is no QMP. */
+#define QMP_GREETING_MAX 65536
 
 struct Qmp {
     int fd;
@@ -297,8 +299,8 @@ static gboolean qmp_greeting(Qmp *q, GError **errp)
             break;      /* whatever it is, it is not QMP's JSON */
         }
         nl = *text ? strchr(text, '\n') : NULL;
-        if (nl) {
-            break;
+        if (nl || q->buf->len > QMP_GREETING_MAX) {
+            break;      /* a line, or JSON-looking text too long for one */
         }
         left = (int)((deadline - g_get_monotonic_time()) / 1000);
         r = left > 0 ? qmp_fill(q, left, errp) : 0;
