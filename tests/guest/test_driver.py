@@ -171,7 +171,7 @@ def test_unplug_stops_short():
     # the request changes.
     with guest_for('project', 'drv-short', '512M', '2G') as g:
         base = g.mem_total()
-        check(vmemmap_negotiated(g), 'VIRTIO_MEM_F_VMEMMAP not negotiated')
+        check(g.vmemmap_negotiated(), 'VIRTIO_MEM_F_VMEMMAP not negotiated')
         g.resize(4 * MiB)
         expect_state(g, base, 4 * MiB)
         g.qom_set('requested-size', 2 * MiB)
@@ -259,17 +259,6 @@ def said_once(g, line):
     check(n == 1, f'guest log says "{line}" {n} times, not once')
 
 
-def vmemmap_negotiated(g):
-    """Whether the guest driver negotiated VIRTIO_MEM_F_VMEMMAP (bit 3 of
-    the virtio-mem device's (id 24) features, one character per bit)."""
-    st, out = g.run('for d in /sys/bus/virtio/devices/*; do '
-                    '[ "$(cat $d/device)" = 0x0018 ] && cat $d/features; '
-                    'done')
-    feats = out.split()
-    check(st == 0 and len(feats) == 1,
-          f'no single virtio-mem device in the guest: {out.strip()}')
-    return len(feats[0]) > 3 and feats[0][3] == '1'
-
 
 def test_memmap_off():
     # The module parameter, then the kernel's own switch: the patched
@@ -283,7 +272,7 @@ def test_memmap_off():
              'memory_hotplug.memmap_on_memory is off or unsupported')):
         dev = {'size': '2G', 'block_size': '2M', 'vmemmap_accounting': True}
         with Guest(f'drv-off-{name}', device=dev, **kw) as g:
-            check(not vmemmap_negotiated(g),
+            check(not g.vmemmap_negotiated(),
                   'VIRTIO_MEM_F_VMEMMAP negotiated with memmap_on_memory off')
             plug_unplug(g, 0, 0)
             said_once(g, f'memmap_on_memory: off ({why})')

@@ -43,17 +43,6 @@ KERNELS = [k for k in os.environ.get('VMTEST_KERNELS',
                                      '6.1,6.12,7.3').split(',') if k]
 
 
-def feature_negotiated(g):
-    """Bit 3 (VIRTIO_MEM_F_VMEMMAP) of the virtio-mem device's (id 24)
-    negotiated features, as the guest shows them."""
-    st, out = g.run('for d in /sys/bus/virtio/devices/*; do '
-                    '[ "$(cat $d/device)" = 0x0018 ] && cat $d/features; '
-                    'done')
-    feats = out.split()
-    check(st == 0 and len(feats) == 1,
-          f'no single virtio-mem device in the guest: {out.strip()}')
-    return len(feats[0]) > 3 and feats[0][3] == '1'
-
 
 def loaded_module(g):
     """Which of the kit's two modules the guest loaded: the patched one
@@ -75,7 +64,7 @@ def cycle(kernel, arm):
         module = loaded_module(g)
         check(module == ('patched' if project else 'stock'),
               f'{arm} arm loaded the {module} module')
-        neg = feature_negotiated(g)
+        neg = g.vmemmap_negotiated()
         check(neg == project,
               f'VIRTIO_MEM_F_VMEMMAP negotiated: {neg}, expected {project}')
         base = g.mem_total()
@@ -146,7 +135,7 @@ def test_61_bbm():
     vmtest.GUEST = vmtest.guest_kit_dir('6.1')
     with guest_for('project', 'kern-6.1-bbm', '512M', '4G',
                    modparams={'force_bbm': 1}) as g:
-        check(not feature_negotiated(g),
+        check(not g.vmemmap_negotiated(),
               'VIRTIO_MEM_F_VMEMMAP negotiated in BBM on 6.1')
         plain_resizes(g, (1 * GiB, 0))
         said_once(g, BBM_OFF)

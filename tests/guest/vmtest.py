@@ -392,6 +392,18 @@ class Guest:
             raise HarnessError(f'guest command {cmd!r} failed ({status}):\n{out}')
         return status, out
 
+    def vmemmap_negotiated(self):
+        """Whether the guest driver negotiated VIRTIO_MEM_F_VMEMMAP (bit 3
+        of the virtio-mem device's (id 24) features, one character per
+        bit).  Fails unless the guest has exactly one virtio-mem device."""
+        st, out = self.run('for d in /sys/bus/virtio/devices/*; do '
+                           '[ "$(cat $d/device)" = 0x0018 ] && '
+                           'cat $d/features; done')
+        feats = out.split()
+        check(st == 0 and len(feats) == 1,
+              f'no single virtio-mem device in the guest: {out.strip()}')
+        return len(feats[0]) > 3 and feats[0][3] == '1'
+
     def meminfo(self):
         out = self.run('cat /proc/meminfo', check=True)[1]
         return {k: int(v) * 1024 for k, v in
