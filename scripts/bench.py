@@ -356,13 +356,7 @@ def plots(res, outdir):
         sizes = [n / GiB for n in sca['sizes']]
         fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.5),
                                       gridspec_kw={'width_ratios': [3, 2]})
-        for arm, color in (('stock', 'r'), ('project', 'g')):
-            for op, style in (('plug', 'o-'), ('unplug', 's--')):
-                med = [sca[arm][str(n)][op + '_median'] for n in sca['sizes']]
-                ax.plot(sizes, med, color + style, label=f'{arm}: {op}')
-                for n, x in zip(sizes, sca['sizes']):
-                    pts = sca[arm][str(x)][op + '_s']
-                    ax.plot([n] * len(pts), pts, color + '.', alpha=0.4)
+        plot_arms(ax, sca)
         ax.set_xscale('log', base=2)
         ax.set_yscale('log')
         ax.set_xticks(sizes)
@@ -442,6 +436,19 @@ def plots(res, outdir):
     return files
 
 
+def plot_arms(ax, sca):
+    """Plug and unplug time against size for both arms of a scaling run:
+    the median as a line, each round as a dot."""
+    sizes = [n / GiB for n in sca['sizes']]
+    for arm, color in (('stock', 'r'), ('project', 'g')):
+        for op, style in (('plug', 'o-'), ('unplug', 's--')):
+            med = [sca[arm][str(n)][op + '_median'] for n in sca['sizes']]
+            ax.plot(sizes, med, color + style, label=f'{arm}: {op}')
+            for n, x in zip(sizes, sca['sizes']):
+                pts = sca[arm][str(x)][op + '_s']
+                ax.plot([n] * len(pts), pts, color + '.', alpha=0.4)
+
+
 def kernels_plot(ker, plt, save):
     """One panel per kernel: plug and unplug time against size, both
     arms; a last one: project / stock per kernel."""
@@ -460,13 +467,7 @@ def kernels_plot(ker, plt, save):
     rat_ax = axes[-1]
     for (series, sca), ax, kc in zip(runs.items(), axes, colors):
         sizes = [n / GiB for n in sca['sizes']]
-        for arm, color in (('stock', 'r'), ('project', 'g')):
-            for op, style in (('plug', 'o-'), ('unplug', 's--')):
-                med = [sca[arm][str(n)][op + '_median'] for n in sca['sizes']]
-                ax.plot(sizes, med, color + style, label=f'{arm}: {op}')
-                for n, x in zip(sizes, sca['sizes']):
-                    pts = sca[arm][str(x)][op + '_s']
-                    ax.plot([n] * len(pts), pts, color + '.', alpha=0.4)
+        plot_arms(ax, sca)
         rounds = [f'{n >> 30} GiB: {len(sca["stock"][str(n)]["plug_s"])}'
                   for n in sca['sizes']]
         ax.set_xscale('log', base=2)
