@@ -44,6 +44,27 @@ def guest_kit_dir(kernel=None):
 
 # VMTEST_KERNEL=<release or series>: run the guests on that kernel's kit.
 GUEST = guest_kit_dir(os.environ.get('VMTEST_KERNEL'))
+
+
+def use_kernel(kernel):
+    """Boot the guests started from now on with that kernel's kit (a
+    release or series, see guest_kit_dir; None: the default); returns
+    the kit's directory."""
+    global GUEST  # pylint: disable=global-statement
+    GUEST = guest_kit_dir(kernel)
+    return GUEST
+
+
+def kernel_release(kit=None):
+    """The kernel release of a kit (default: the one guests boot)."""
+    with open(os.path.join(kit or GUEST, 'kernel-release')) as f:
+        return f.read().strip()
+
+
+def kernel_series(kit=None):
+    """The series (6.1, 6.12, 7.3) of a kit's kernel (default: the one
+    guests boot): what a test's per-kernel expectations are keyed by."""
+    return '.'.join(kernel_release(kit).split('.')[:2])
 # VMTEST_QEMU: another build of the fork (scripts/check-asan: the ASan one).
 QEMU = (os.environ.get('VMTEST_QEMU') or
         os.path.join(BUILD, 'qemu-system-x86_64'))
