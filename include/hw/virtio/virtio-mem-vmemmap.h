@@ -25,16 +25,17 @@
 #define HW_VIRTIO_MEM_VMEMMAP_H
 
 #include "migration/vmstate.h"
+#include "standard-headers/linux/virtio_mem.h"
 
 /* Granularity of a vmemmap range: the smallest page size of any guest. */
 #define VIRTIO_MEM_VMEMMAP_ALIGN 4096
 /*
- * A range starts at a multiple of this (guest physical).  With whole
- * blocks unplugged at once, every run of marks then starts at a multiple
- * of the marking unit, min(block size, this), and the marks inside each
- * unit are a prefix of it: one count per unit is the whole state.
+ * A range starts at a multiple of VIRTIO_MEM_VMEMMAP_START_ALIGN (guest
+ * physical; the uapi header defines it).  With whole blocks unplugged at
+ * once, every run of marks then starts at a multiple of the marking
+ * unit, min(block size, that alignment), and the marks inside each unit
+ * are a prefix of it: one count per unit is the whole state.
  */
-#define VIRTIO_MEM_VMEMMAP_START_ALIGN (2 * 1024 * 1024)
 
 typedef struct VirtIOMEMVmemmap {
     /* One bit per VIRTIO_MEM_VMEMMAP_ALIGN bytes of the region. */
