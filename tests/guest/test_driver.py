@@ -23,8 +23,6 @@ docs/devel/virtio-mem-vmemmap.rst), the case asserts the difference:
   - with memory_hotplug.memmap_on_memory off the driver cannot know it
     before mm refuses the first add: the feature is negotiated, and
     vmemmap-size stays a true 0;
-  - D5: no retry timer for a block whose removal failed; the next unplug
-    request that visits it removes it;
   - HVO: no nr_memmap_pages in /proc/vmstat to count memmap pages with.
 7.3 runs the 6.12 series unchanged and is expected to behave as 6.12.
 """
@@ -518,10 +516,14 @@ def test_busy_retry():
 
 
 def test_capacity():
-    stock = capacity('stock', want=16 * GiB, mem='128M', quiet=15)
-    proj = capacity('project', want=16 * GiB, mem='128M', quiet=15)
-    log(f'128 MiB guest, online_movable: stock {stock["size"] >> 20} MiB, '
-        f'project {proj["size"] >> 20} MiB of 16384 MiB')
+    # 6.1 does not boot in 128 MiB (out of memory in its initcalls, with
+    # this initramfs); 160 MiB is still far less than the 256 MiB of
+    # memmap 16 GiB need.
+    mem = 160 if on_61() else 128
+    stock = capacity('stock', want=16 * GiB, mem=f'{mem}M', quiet=15)
+    proj = capacity('project', want=16 * GiB, mem=f'{mem}M', quiet=15)
+    log(f'{mem} MiB guest, online_movable: stock {stock["size"] >> 20} '
+        f'MiB, project {proj["size"] >> 20} MiB of 16384 MiB')
     check(proj['size'] == 16 * GiB,
           f'project plugged only {proj["size"] >> 20} MiB of 16 GiB')
     check(proj['alloc_failures'] == 0 and not proj['log_errors'],
@@ -787,24 +789,6 @@ def test_enospc_retries_removal():
              'size == 6 MiB, stopped short, block 1 not removed')
         check(fault_count(g, 'failed_removes') >= 1, 'no removal failed')
         fault(g, fail_remove=0)
-        if on_61():
-            # 6.1 has no retry for it: the block stays until the next
-            # request visits it.  Past the 50 s at which newer kernels'
-            # timer removes it, nothing has moved; a new request then
-            # removes the block and unplugs everything at once.
-            t0 = time.monotonic()
-            while time.monotonic() - t0 < 60:
-                check(g.qom_get('size') == 6 * MiB,
-                      f'size {g.qom_get("size") >> 20} MiB after '
-                      f'{time.monotonic() - t0:.0f} s: something retried')
-                time.sleep(1)
-            t0 = time.monotonic()
-            g.resize(0, timeout=40)
-            expect_state(g, base, 0)
-            log(f'6.1: block 1 still there after 60 s; the next request '
-                f'removed it and unplugged all in '
-                f'{time.monotonic() - t0:.0f} s')
-            return
         t0 = time.monotonic()
         # The retry timer starts at 50 s.
         poll(lambda: g.qom_get('size') == 4 * MiB, 150,
@@ -973,7 +957,8 @@ def main():
            test_big_blocks)
     t.case('D8: no 1 GiB pages on hot-added ZONE_NORMAL memory (stock '
            'beside it)', test_gigantic_pages)
-    t.case('128 MiB guest plugs 16 GiB (stock measured beside it)',
+    t.case('128 MiB guest (6.1: 160 MiB) plugs 16 GiB (stock measured '
+           'beside it)',
            test_capacity)
     t.done()
 
