@@ -10,6 +10,7 @@
 #include "qemu/bitmap.h"
 #include "qemu/bswap.h"
 #include "qemu/host-utils.h"
+#include "qemu/madvise.h"
 #include "hw/virtio/virtio-mem-vmemmap.h"
 
 #define PAGE VIRTIO_MEM_VMEMMAP_ALIGN
@@ -167,6 +168,30 @@ void virtio_mem_vmemmap_mark(VirtIOMEMVmemmap *vm, uint64_t start,
     vm->size += size;
 }
 
+/*
+ * Give back the bitmap's host pages around bits [first, end) that no longer
+ * hold a mark.  A mark makes its bitmap page resident (with 4 KiB host
+ * pages, a bitmap page covers 128 MiB of region: a driver marking one range
+ * per memory block touches a page per block); without this, an unplug back
+ * to 0 kept all of them resident until the next reset.  Pages that still
+ * hold a mark stay.
+ */
+static void virtio_mem_vmemmap_release(VirtIOMEMVmemmap *vm, uint64_t first,
+                                       uint64_t end)
+{
+    const size_t host_page = qemu_real_host_page_size();
+    const uint64_t bits = host_page * BITS_PER_BYTE;
+    uint64_t p, p_end;
+
+    for (p = QEMU_ALIGN_DOWN(first, bits); p < end; p += bits) {
+        p_end = MIN(p + bits, vm->nr_pages);
+        if (find_next_bit(vm->bitmap, p_end, p) >= p_end) {
+            qemu_madvise((uint8_t *)vm->bitmap + p / BITS_PER_BYTE, host_page,
+                         QEMU_MADV_DONTNEED);
+        }
+    }
+}
+
 uint64_t virtio_mem_vmemmap_unmark(VirtIOMEMVmemmap *vm, uint64_t start,
                                    uint64_t size)
 {
@@ -184,7 +209,10 @@ uint64_t virtio_mem_vmemmap_unmark(VirtIOMEMVmemmap *vm, uint64_t start,
     dropped = bitmap_count_one_with_offset(vm->bitmap, first,
                                            end - first) * PAGE;
     g_assert(dropped <= vm->size);
-    bitmap_clear(vm->bitmap, first, end - first);
+    if (dropped) {
+        bitmap_clear(vm->bitmap, first, end - first);
+        virtio_mem_vmemmap_release(vm, first, end);
+    }
     vm->size -= dropped;
     return dropped;
 }

@@ -528,6 +528,64 @@ static void test_clear_resident(Fixture *f, gconstpointer data)
     virtio_mem_vmemmap_destroy(&vm);
 }
 
+/*
+ * An unplug gives back the bitmap pages that its marks made resident: a
+ * driver marks the first 2 MiB of each 128 MiB memory block it plugs
+ * (Linux, memmap_on_memory), one bitmap page per block with 4 KiB host
+ * pages; after unplugging every block none is left, and a page that still
+ * holds a mark stays.
+ */
+static size_t resident_pages(const VirtIOMEMVmemmap *vm, size_t bytes)
+{
+    const long page = qemu_real_host_page_size();
+    g_autofree unsigned char *vec = g_malloc(bytes / page);
+    size_t i, resident = 0;
+
+    g_assert_cmpint(mincore(vm->bitmap, bytes, vec), ==, 0);
+    for (i = 0; i < bytes / page; i++) {
+        resident += vec[i] & 1;
+    }
+    return resident;
+}
+
+static void test_unmark_resident(Fixture *f, gconstpointer data)
+{
+    const uint64_t region = 8 * GiB, mb = 128 * MiB, grow = 4 * GiB;
+    g_autofree unsigned long *plugged = bitmap_new(region / BLOCK);
+    const size_t bytes = region / (4 * KiB) / 8;
+    /* The region one bitmap page covers: 128 MiB with 4 KiB host pages. */
+    const uint64_t cover = qemu_real_host_page_size() * 8 * 4 * KiB;
+    VirtIOMEMVmemmap vm;
+    uint64_t off;
+
+    virtio_mem_vmemmap_init(&vm);
+    virtio_mem_vmemmap_set_geometry(&vm, region, BLOCK, plugged);
+    bitmap_set(plugged, 0, grow / BLOCK);
+    for (off = 0; off < grow; off += mb) {
+        virtio_mem_vmemmap_mark(&vm, off, 2 * MiB);
+    }
+    g_assert_cmpuint(resident_pages(&vm, bytes), ==,
+                     DIV_ROUND_UP(grow, MAX(cover, mb)));
+
+    /* The last block first, as Linux unplugs; the first one stays. */
+    for (off = grow - mb; off > 0; off -= mb) {
+        g_assert_cmpuint(virtio_mem_vmemmap_unmark(&vm, off, mb), ==,
+                         2 * MiB);
+    }
+    g_assert_cmpuint(resident_pages(&vm, bytes), ==, 1);
+    g_assert_cmpuint(virtio_mem_vmemmap_size(&vm), ==, 2 * MiB);
+    g_assert_true(test_bit(0, vm.bitmap));
+
+    /* Part of a block: the page keeps its remaining marks. */
+    g_assert_cmpuint(virtio_mem_vmemmap_unmark(&vm, 0, 1 * MiB), ==, 1 * MiB);
+    g_assert_cmpuint(resident_pages(&vm, bytes), ==, 1);
+    g_assert_true(test_bit(1 * MiB / (4 * KiB), vm.bitmap));
+    g_assert_cmpuint(virtio_mem_vmemmap_unmark(&vm, 0, mb), ==, 1 * MiB);
+    g_assert_cmpuint(resident_pages(&vm, bytes), ==, 0);
+    g_assert_cmpuint(virtio_mem_vmemmap_size(&vm), ==, 0);
+    virtio_mem_vmemmap_destroy(&vm);
+}
+
 int main(int argc, char **argv)
 {
     module_call_init(MODULE_INIT_QOM);
@@ -548,6 +606,7 @@ int main(int argc, char **argv)
     ADD("disabled", test_disabled);
     ADD("worst-pattern", test_worst_pattern);
     ADD("clear-resident", test_clear_resident);
+    ADD("unmark-resident", test_unmark_resident);
 #undef ADD
     return g_test_run();
 }
