@@ -22,15 +22,17 @@
  *                from 6.10 on, alloc_contig_range before, or what
  *                contig_fn names): memory looks unmovable.
  * delay_add_ms   the next add_memory_driver_managed() call spins this
- *                long on entry, before it takes the hotplug locks, with
- *                delaying set meanwhile: user space can online another
- *                memory block while the driver is about to add one.
+ *                long (counted in jiffies) on entry, before it takes the
+ *                hotplug locks, with delaying set meanwhile: user space
+ *                can online another memory block while the driver is
+ *                about to add one.
  *
  * The counters skewed, failed_removes and failed_contigs say how often
  * each fault was injected.
  */
 
 #include <linux/delay.h>
+#include <linux/jiffies.h>
 #include <linux/kprobes.h>
 #include <linux/memory.h>
 #include <linux/module.h>
@@ -154,12 +156,22 @@ static int vmemmap_fault_contig(struct kprobe *p, struct pt_regs *regs)
 static int vmemmap_fault_delay(struct kprobe *p, struct pt_regs *regs)
 {
 	const int ms = xchg(&delay_add_ms, 0);
+	unsigned long end;
+	int spun;
 
 	if (ms <= 0)
 		return 0;
-	/* Kprobe handlers cannot sleep: spin, the other CPUs run on. */
+	/*
+	 * Kprobe handlers cannot sleep: spin, the other CPUs run on.  Count
+	 * the time in jiffies, the clock RCU's stall detector counts in: a
+	 * TSC calibrated on a starved TCG host made mdelay(4000) last past
+	 * its 21 s, and the stall report failed the test.  The ms-long
+	 * steps only bound the spin should jiffies stand still.
+	 */
 	WRITE_ONCE(delaying, true);
-	mdelay(ms);
+	end = jiffies + msecs_to_jiffies(ms);
+	for (spun = 0; time_before(jiffies, end) && spun < 4 * ms; spun++)
+		mdelay(1);
 	WRITE_ONCE(delaying, false);
 	return 0;
 }
