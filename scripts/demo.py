@@ -3,7 +3,7 @@
 """
 The main job on the embedded default guest: boot two small guests with a
 virtio-mem device side by side, "stock" (Debian's QEMU and virtio_mem,
-memmap in boot RAM) and "project" (the fork with vmemmap-accounting=on,
+memmap in boot RAM) and "project" (the fork with x-vmemmap-accounting=on,
 the patched virtio_mem, memory_hotplug.memmap_on_memory=1), grow and
 shrink both the same way, and show at each step what the device reports
 (size, vmemmap-size), what the guest sees (MemTotal) and what the host

@@ -67,8 +67,8 @@ static bool virtio_mem_vmemmap_len_valid(void *opaque, int version_id)
 
     if (!virtio_mem_vmemmap_enabled(vm)) {
         error_report("virtio-mem: the source's guest uses vmemmap accounting,"
-                     " but this device has vmemmap-accounting=off; start the"
-                     " destination with vmemmap-accounting=on");
+                     " but this device has x-vmemmap-accounting=off; start the"
+                     " destination with x-vmemmap-accounting=on");
         return false;
     }
     /* The exact length needs the plugged bitmap: post_load checks it. */

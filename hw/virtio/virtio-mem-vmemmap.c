@@ -151,7 +151,7 @@ const char *virtio_mem_vmemmap_check_str(VirtIOMEMVmemmapCheck check)
     case VIRTIO_MEM_VMEMMAP_OVERLAP:
         return "already marked";
     case VIRTIO_MEM_VMEMMAP_DISABLED:
-        return "vmemmap-accounting is off";
+        return "x-vmemmap-accounting is off";
     case VIRTIO_MEM_VMEMMAP_MALFORMED:
         return "not a state this device can hold";
     }

@@ -190,7 +190,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
                            " -object memory-backend-ram,id=mem0,size=%"
                            PRIu64 " -device virtio-mem-pci,id=vm0,"
                            "memdev=mem0,block-size=%" PRIu64
-                           ",requested-size=0,vmemmap-accounting=on",
+                           ",requested-size=0,x-vmemmap-accounting=on",
                            128 * MiB + REGION, REGION, BLOCK);
     dev.qts = qtest_init(args);
     pc_alloc_init(&dev.alloc, dev.qts, ALLOC_NO_FLAGS);

@@ -7,7 +7,7 @@ Each scenario runs one "arm":
   stock    Debian's QEMU without the project's series
            (build/qemu-system-x86_64-stock), Debian's unpatched virtio_mem,
            memmap_on_memory off: memmap comes from boot RAM;
-  project  the fork with vmemmap-accounting=on, the patched module,
+  project  the fork with x-vmemmap-accounting=on, the patched module,
            memory_hotplug.memmap_on_memory=1.
 """
 

@@ -21,7 +21,7 @@ start of each added block).
     VIRTIO_MEM_F_VMEMMAP (the stock module): the marks are dropped,
     nothing else changes;
   - migration with marks, or with the feature negotiated and nothing
-    marked, to a fork with vmemmap-accounting=off and to stock QEMU fails
+    marked, to a fork with x-vmemmap-accounting=off and to stock QEMU fails
     early (while loading the early section, before RAM) with a message
     naming the cause, and the source runs on unchanged; with a driver
     that did not negotiate the feature both succeed;
@@ -69,7 +69,7 @@ def device(accounting=True, size='2G', **kw):
 
 
 def project(name, module='patched', dev=None, **kw):
-    """The project's guest: fork, vmemmap-accounting=on, the patched
+    """The project's guest: fork, x-vmemmap-accounting=on, the patched
     module with memory_hotplug.memmap_on_memory=1."""
     return Guest(f'flt-{name}', mem='256M', maxmem='8G',
                  device=dev or device(), module=module,
@@ -321,8 +321,8 @@ def migrate_to_no_feature(name, vmemmap, plugged=256 * MiB, **kw):
         st0 = settle(src, plugged)
         check(st0['vmemmap-size'] == vmemmap, state_note(st0))
         for label, qemu, dev, words in (
-                ('vmemmap-accounting=off', QEMU, device(False),
-                 ('vmemmap-accounting',)),
+                ('x-vmemmap-accounting=off', QEMU, device(False),
+                 ('x-vmemmap-accounting',)),
                 ('stock QEMU', STOCK_QEMU, device(None),
                  ('virtio-mem-device-early',))):
             with incoming_for(src, f'flt-{name}-{label.split()[0]}',
@@ -364,7 +364,7 @@ def test_migrate_unused_feature():
                           device=device(False)) as off:
             res = migrate(src, off)
             check(res['status'] == res['dst_status'] == 'completed',
-                  f'to vmemmap-accounting=off: {res}')
+                  f'to x-vmemmap-accounting=off: {res}')
             same_state(device_state(src), device_state(off), 'to off')
             off.vm.cmd('cont')
             settle(off, 384 * MiB)
@@ -448,12 +448,12 @@ def main():
            test_module_reload)
     t.case('device reset, then a driver without the feature',
            test_reset_then_stock_driver)
-    t.case('migration with marks to vmemmap-accounting=off and to stock '
+    t.case('migration with marks to x-vmemmap-accounting=off and to stock '
            'QEMU fails early', test_migrate_marks_to_no_feature)
     t.case('migration with the feature negotiated, nothing marked, to '
-           'vmemmap-accounting=off and stock QEMU fails early',
+           'x-vmemmap-accounting=off and stock QEMU fails early',
            test_migrate_negotiated_to_no_feature)
-    t.case('migration without marks to vmemmap-accounting=off and stock '
+    t.case('migration without marks to x-vmemmap-accounting=off and stock '
            'QEMU', test_migrate_unused_feature)
     t.case('prealloc=on under a host memory limit: BUSY, nothing half done',
            test_prealloc_limit)

@@ -8,7 +8,7 @@ port of the series (guest/linux/patches-<series>/).
 
 Per kernel, two arms side by side (tests/guest/scenarios.py):
   stock    Debian's QEMU and Debian's virtio_mem, memmap_on_memory off;
-  project  the fork (vmemmap-accounting=on), the patched module,
+  project  the fork (x-vmemmap-accounting=on), the patched module,
            memory_hotplug.memmap_on_memory=1.
 Each runs 0 -> 4 GiB -> 1 GiB -> 0 in SBM (2 MiB device blocks,
 ZONE_MOVABLE) and asserts at every settled step:

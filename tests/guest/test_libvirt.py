@@ -367,8 +367,8 @@ def boots_with_acpi_numa_cpus(g):
 
 
 def override_and_module(g):
-    check(g.qom_get('vmemmap-accounting') is True,
-          'qemu:override did not turn vmemmap-accounting on')
+    check(g.qom_get('x-vmemmap-accounting') is True,
+          'qemu:override did not turn x-vmemmap-accounting on')
     check(g.run('grep -q "^virtio_mem " /proc/modules')[0] == 0,
           'virtio_mem-patched.ko not loaded')
 
@@ -393,7 +393,7 @@ def settled_views_agree(g, requested, base, t0):
     secs = time.monotonic() - t0
     info = g.memory_device_info()
     lv = g.libvirt_device()
-    vmemmap = g.qom_get('vmemmap-size')
+    vmemmap = g.qom_get('x-vmemmap-size')
     gain = g.mem_total() - base
     log(f'requested {requested >> 20} MiB: size {info["size"] >> 20}, '
         f'vmemmap-size {vmemmap >> 20}, <current> {lv["current"] >> 20}, '
@@ -521,7 +521,7 @@ def main():
                    lambda: runs_emulator(daemon, g))
             t.case('documented domain boots with ACPI, its NUMA node and '
                    'CPUs', lambda: boots_with_acpi_numa_cpus(g))
-            t.case('qemu:override turns vmemmap-accounting on; the patched '
+            t.case('qemu:override turns x-vmemmap-accounting on; the patched '
                    'module is loaded', lambda: override_and_module(g))
             base = g.boot_total
             for req in STEPS:

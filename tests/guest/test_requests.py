@@ -194,7 +194,8 @@ def test_zone_walk_skip():
 
 
 def main():
-    check(device_has('vmemmap-accounting'), 'fork lacks vmemmap-accounting')
+    check(device_has('x-vmemmap-accounting'),
+          'fork lacks x-vmemmap-accounting')
     t = Tests()
     t.case('SBM: shrink by k blocks unplugs k blocks, grow never overshoots',
            lambda: test_mode(False))

@@ -297,7 +297,7 @@ class Guest:
                f'block-size={d.get("block_size", "2M")},'
                f'requested-size={d.get("requested", 0)}')
         if d.get('vmemmap_accounting') is not None:
-            dev += ',vmemmap-accounting=' + \
+            dev += ',x-vmemmap-accounting=' + \
                 ('on' if d['vmemmap_accounting'] else 'off')
         for k in ('prealloc', 'dynamic-memslots', 'unplugged-inaccessible'):
             if k in d:
@@ -513,7 +513,7 @@ class Guest:
     def vmemmap_size(self):
         """The device's vmemmap-size; 0 where the binary lacks it."""
         try:
-            return self.qom_get('vmemmap-size')
+            return self.qom_get('x-vmemmap-size')
         except ExecuteError:
             return 0
 

@@ -323,18 +323,18 @@ static QDict *query_vm0(QTestState *qts)
 
 static void test_feature_offer(void)
 {
-    Dev *d = dev_start("vmemmap-accounting=off", true);
+    Dev *d = dev_start("x-vmemmap-accounting=off", true);
     QDict *info = query_vm0(d->qts);
     g_autofree char *hmp = qtest_hmp(d->qts, "info memory-devices");
 
     g_assert_false(d->offered & (1ull << VIRTIO_MEM_F_VMEMMAP));
     g_assert_false(qdict_haskey(info, "vmemmap-size"));
     g_assert_null(strstr(hmp, "vmemmap-size"));
-    g_assert_cmpuint(qom_get_u64(d->qts, "vmemmap-size"), ==, 0);
+    g_assert_cmpuint(qom_get_u64(d->qts, "x-vmemmap-size"), ==, 0);
     qobject_unref(info);
     dev_stop(d);
 
-    d = dev_start("vmemmap-accounting=on", true);
+    d = dev_start("x-vmemmap-accounting=on", true);
     info = query_vm0(d->qts);
     g_assert_true(d->offered & (1ull << VIRTIO_MEM_F_VMEMMAP));
     g_assert_true(qdict_haskey(info, "vmemmap-size"));
@@ -344,13 +344,36 @@ static void test_feature_offer(void)
 }
 
 /*
+ * vmemmap-size rests on a feature bit no spec has reserved: the QAPI
+ * members carry the 'unstable' feature, so a client that asks QEMU to
+ * hide unstable output does not see them.
+ */
+static void test_unstable(void)
+{
+    QTestState *qts = qemu_start(NULL, "x-vmemmap-accounting=on",
+                                 "-compat unstable-output=hide");
+    QDict *info = query_vm0(qts);
+    QDict *rsp = qtest_qmp(qts, "{ 'execute': 'query-virtio-mem-footprint' }");
+    QDict *fp = qobject_to(QDict, qlist_peek(qdict_get_qlist(rsp, "return")));
+
+    g_assert_true(qdict_haskey(info, "size"));
+    g_assert_false(qdict_haskey(info, "vmemmap-size"));
+    g_assert_nonnull(fp);
+    g_assert_true(qdict_haskey(fp, "plugged-resident"));
+    g_assert_false(qdict_haskey(fp, "vmemmap-size"));
+    qobject_unref(rsp);
+    qobject_unref(info);
+    qtest_quit(qts);
+}
+
+/*
  * Without the feature negotiated, the request is an unknown request:
  * exactly what the device does with any other unknown type.
  */
 static void test_not_negotiated(void)
 {
     static const char *const opts[] = {
-        "vmemmap-accounting=off", "vmemmap-accounting=on",
+        "x-vmemmap-accounting=off", "x-vmemmap-accounting=on",
     };
     int i;
 
@@ -360,7 +383,7 @@ static void test_not_negotiated(void)
         set_requested(d, 64 * MiB);
         g_assert_cmpint(plug(d, 0, 2 * MiB), ==, VIRTIO_MEM_RESP_ACK);
         g_assert_cmpint(vmemmap(d, 0, 4 * KiB), ==, -1);
-        g_assert_cmpuint(qom_get_u64(d->qts, "vmemmap-size"), ==, 0);
+        g_assert_cmpuint(qom_get_u64(d->qts, "x-vmemmap-size"), ==, 0);
         dev_stop(d);
 
         /* Stock behaviour for an unknown type, for comparison. */
@@ -427,7 +450,7 @@ static void assert_reported(Dev *d, uint64_t size, uint64_t vmemmap_size)
     QDict *info = query_vm0(d->qts);
 
     g_assert_cmpuint(qom_get_u64(d->qts, "size"), ==, size);
-    g_assert_cmpuint(qom_get_u64(d->qts, "vmemmap-size"), ==, vmemmap_size);
+    g_assert_cmpuint(qom_get_u64(d->qts, "x-vmemmap-size"), ==, vmemmap_size);
     g_assert_cmpuint(qdict_get_int(info, "size"), ==, size);
     g_assert_cmpuint(qdict_get_int(info, "vmemmap-size"), ==, vmemmap_size);
     g_assert_nonnull(strstr(hmp, line));
@@ -437,7 +460,7 @@ static void assert_reported(Dev *d, uint64_t size, uint64_t vmemmap_size)
 /* Sub Block Mode: 2 MiB device blocks, the memmap is whole blocks. */
 static void test_sbm(void)
 {
-    Dev *d = dev_start("vmemmap-accounting=on,block-size=2M", true);
+    Dev *d = dev_start("x-vmemmap-accounting=on,block-size=2M", true);
 
     set_requested(d, 256 * MiB);
     g_assert_cmpint(plug(d, 0, 64 * MiB), ==, VIRTIO_MEM_RESP_ACK);
@@ -468,7 +491,7 @@ static void test_sbm(void)
 /* Big Block Mode: one device block spans two Linux memory blocks. */
 static void test_bbm(void)
 {
-    Dev *d = dev_start("vmemmap-accounting=on,block-size=256M", true);
+    Dev *d = dev_start("x-vmemmap-accounting=on,block-size=256M", true);
 
     set_requested(d, 512 * MiB);
     g_assert_cmpint(plug(d, 0, 256 * MiB), ==, VIRTIO_MEM_RESP_ACK);
@@ -486,7 +509,7 @@ static void test_bbm(void)
 /* Every malformed request gets ERROR, changes nothing, breaks nothing. */
 static void test_bad_requests(void)
 {
-    Dev *d = dev_start("vmemmap-accounting=on,block-size=2M", true);
+    Dev *d = dev_start("x-vmemmap-accounting=on,block-size=2M", true);
     uint64_t usable_region;
 
     g_assert_cmpuint(qom_get_u64(d->qts, "requested-size"), ==, 0);
@@ -535,7 +558,7 @@ static void test_bad_requests(void)
 
 static void test_reset(void)
 {
-    Dev *d = dev_start("vmemmap-accounting=on,block-size=2M", true);
+    Dev *d = dev_start("x-vmemmap-accounting=on,block-size=2M", true);
 
     set_requested(d, 64 * MiB);
     g_assert_cmpint(plug(d, 0, 16 * MiB), ==, VIRTIO_MEM_RESP_ACK);
@@ -614,16 +637,16 @@ static void migrate_one(const char *opts)
 
     dst = migrate_to(src, NULL, opts, true);
     g_assert_cmpuint(qom_get_u64(dst, "size"), ==, 256 * MiB);
-    g_assert_cmpuint(qom_get_u64(dst, "vmemmap-size"), ==, 4 * MiB);
+    g_assert_cmpuint(qom_get_u64(dst, "x-vmemmap-size"), ==, 4 * MiB);
     qtest_quit(dst);
     dev_stop(src);
 }
 
 static void test_migration(void)
 {
-    migrate_one("vmemmap-accounting=on,block-size=2M,x-early-migration=on");
-    migrate_one("vmemmap-accounting=on,block-size=2M,x-early-migration=off");
-    migrate_one("vmemmap-accounting=on,block-size=256M");
+    migrate_one("x-vmemmap-accounting=on,block-size=2M,x-early-migration=on");
+    migrate_one("x-vmemmap-accounting=on,block-size=2M,x-early-migration=off");
+    migrate_one("x-vmemmap-accounting=on,block-size=256M");
 }
 
 /*
@@ -640,7 +663,7 @@ static void test_upstream_options(void)
 
     for (i = 0; i < ARRAY_SIZE(extra); i++) {
         g_autofree char *opts =
-            g_strdup_printf("vmemmap-accounting=on,block-size=2M,%s",
+            g_strdup_printf("x-vmemmap-accounting=on,block-size=2M,%s",
                             extra[i]);
         Dev *src = dev_start(opts, true);
         QTestState *dst;
@@ -657,7 +680,7 @@ static void test_upstream_options(void)
 
         dst = migrate_to(src, NULL, opts, true);
         g_assert_cmpuint(qom_get_u64(dst, "size"), ==, 14 * MiB);
-        g_assert_cmpuint(qom_get_u64(dst, "vmemmap-size"), ==, 2 * MiB);
+        g_assert_cmpuint(qom_get_u64(dst, "x-vmemmap-size"), ==, 2 * MiB);
         qtest_quit(dst);
         dev_stop(src);
     }
@@ -710,7 +733,7 @@ static void migrate_refused(Dev *src, const char *bin_var,
     g_autofree char *incoming = g_strdup_printf("-incoming %s", uri);
     QTestState *dst = qemu_start(bin_var, dst_opts, incoming);
     const uint64_t size = qom_get_u64(src->qts, "size");
-    const uint64_t vmemmap_size = qom_get_u64(src->qts, "vmemmap-size");
+    const uint64_t vmemmap_size = qom_get_u64(src->qts, "x-vmemmap-size");
 
     qtest_set_expected_status(dst, EXIT_FAILURE);
     migrate_throttled(src, uri);
@@ -720,7 +743,7 @@ static void migrate_refused(Dev *src, const char *bin_var,
     unlink(sock);
 
     g_assert_cmpuint(qom_get_u64(src->qts, "size"), ==, size);
-    g_assert_cmpuint(qom_get_u64(src->qts, "vmemmap-size"), ==, vmemmap_size);
+    g_assert_cmpuint(qom_get_u64(src->qts, "x-vmemmap-size"), ==, vmemmap_size);
     /* Migration is over: the device takes requests again. */
     g_assert_cmpint(plug(src, size, src->block_size), ==, VIRTIO_MEM_RESP_ACK);
 }
@@ -732,22 +755,22 @@ static void migrate_refused(Dev *src, const char *bin_var,
  */
 static void test_migration_to_off(void)
 {
-    Dev *src = dev_start("vmemmap-accounting=on,block-size=2M", true);
+    Dev *src = dev_start("x-vmemmap-accounting=on,block-size=2M", true);
 
     set_requested(src, 64 * MiB);
     g_assert_cmpint(plug(src, 0, 4 * MiB), ==, VIRTIO_MEM_RESP_ACK);
-    migrate_refused(src, NULL, "vmemmap-accounting=off,block-size=2M");
+    migrate_refused(src, NULL, "x-vmemmap-accounting=off,block-size=2M");
     g_assert_cmpint(vmemmap(src, 0, 2 * MiB), ==, VIRTIO_MEM_RESP_ACK);
-    migrate_refused(src, NULL, "vmemmap-accounting=off,block-size=2M");
+    migrate_refused(src, NULL, "x-vmemmap-accounting=off,block-size=2M");
     dev_stop(src);
 
     /* Without the early section the device state is all there is. */
-    src = dev_start("vmemmap-accounting=on,block-size=2M,"
+    src = dev_start("x-vmemmap-accounting=on,block-size=2M,"
                     "x-early-migration=off", true);
     set_requested(src, 64 * MiB);
     g_assert_cmpint(plug(src, 0, 4 * MiB), ==, VIRTIO_MEM_RESP_ACK);
     g_assert_cmpint(vmemmap(src, 0, 2 * MiB), ==, VIRTIO_MEM_RESP_ACK);
-    g_assert_null(migrate_to(src, NULL, "vmemmap-accounting=off,"
+    g_assert_null(migrate_to(src, NULL, "x-vmemmap-accounting=off,"
                              "block-size=2M,x-early-migration=off", false));
     dev_stop(src);
 }
@@ -763,7 +786,7 @@ static void migrate_renegotiate(bool again)
                                             g_get_tmp_dir(), getpid());
     g_autofree char *uri = g_strdup_printf("unix:%s", sock);
     g_autofree char *incoming = g_strdup_printf("-incoming %s", uri);
-    const char *opts = "vmemmap-accounting=on,block-size=2M";
+    const char *opts = "x-vmemmap-accounting=on,block-size=2M";
     Dev *src = dev_start(opts, true);
     QTestState *dst = qemu_start(NULL, opts, incoming);
 
@@ -784,7 +807,7 @@ static void migrate_renegotiate(bool again)
                              " } }", (uint64_t)10 * GiB);
     qtest_qmp_eventwait(dst, "RESUME");
     g_assert_cmpuint(qom_get_u64(dst, "size"), ==, 4 * MiB);
-    g_assert_cmpuint(qom_get_u64(dst, "vmemmap-size"), ==, 0);
+    g_assert_cmpuint(qom_get_u64(dst, "x-vmemmap-size"), ==, 0);
     qtest_quit(dst);
     unlink(sock);
     dev_stop(src);
@@ -802,7 +825,7 @@ static void test_migration_renegotiate(void)
  */
 static void test_busy(void)
 {
-    Dev *d = dev_start("vmemmap-accounting=on,block-size=2M", true);
+    Dev *d = dev_start("x-vmemmap-accounting=on,block-size=2M", true);
 
     set_requested(d, 64 * MiB);
     g_assert_cmpint(plug(d, 0, 4 * MiB), ==, VIRTIO_MEM_RESP_ACK);
@@ -865,7 +888,7 @@ static uint64_t device_bytes(const char *path, GString *names)
 
 static void test_worst_pattern(void)
 {
-    const char *opts = "vmemmap-accounting=on,block-size=2M";
+    const char *opts = "x-vmemmap-accounting=on,block-size=2M";
     g_autofree char *dir = g_dir_make_tmp("vmemmap-worst-XXXXXX", NULL);
     g_autofree char *base_path = g_build_filename(dir, "unmarked", NULL);
     g_autofree char *path = g_build_filename(dir, "marked", NULL);
@@ -914,7 +937,7 @@ static void test_worst_pattern(void)
         done += n;
     }
     g_assert_cmpuint(acked, ==, WORST_REGION / (2 * MiB));
-    g_assert_cmpuint(qom_get_u64(d->qts, "vmemmap-size"), ==, acked * 4 * KiB);
+    g_assert_cmpuint(qom_get_u64(d->qts, "x-vmemmap-size"), ==, acked * 4 * KiB);
     g_test_message("hostile pattern: %" PRIu64 " marks, %" PRIu64 " taken;"
                    " QEMU RSS %+" PRId64 " KiB; %.1f us per request",
                    marks, acked,
@@ -962,7 +985,7 @@ static void test_worst_pattern(void)
     dst = qemu_start_sized(NULL, WORST_REGION, opts, incoming);
     wait_running(dst);
     g_assert_cmpuint(qom_get_u64(dst, "size"), ==, WORST_REGION);
-    g_assert_cmpuint(qom_get_u64(dst, "vmemmap-size"), ==, acked * 4 * KiB);
+    g_assert_cmpuint(qom_get_u64(dst, "x-vmemmap-size"), ==, acked * 4 * KiB);
     qtest_quit(dst);
     dev_stop(d);
     unlink(base_path);
@@ -1016,7 +1039,7 @@ static void touch(Dev *d, uint64_t offset, uint64_t size)
  */
 static void test_footprint(void)
 {
-    Dev *d = dev_start("vmemmap-accounting=on,block-size=2M", true);
+    Dev *d = dev_start("x-vmemmap-accounting=on,block-size=2M", true);
     QDict *rsp;
 
     set_requested(d, 64 * MiB);
@@ -1091,7 +1114,7 @@ static const char *run_state(QTestState *qts)
  */
 static void test_scrub_refused(void)
 {
-    const char *opts = "vmemmap-accounting=on,block-size=2M";
+    const char *opts = "x-vmemmap-accounting=on,block-size=2M";
     g_autofree char *dir = g_dir_make_tmp("vmemmap-scrub-XXXXXX", NULL);
     g_autofree char *path = g_build_filename(dir, "state", NULL);
     g_autofree char *mem = g_build_filename(dir, "mem", NULL);
@@ -1173,7 +1196,7 @@ static void test_state_paging(void)
 {
     const uint64_t region = 8 * GiB;
     Dev *d = dev_start_sized(NULL, region,
-                             "vmemmap-accounting=on,block-size=2M", true);
+                             "x-vmemmap-accounting=on,block-size=2M", true);
     const int batch = d->vq->size / 2;
     const uint64_t runs = region / (4 * MiB);
     g_autofree struct virtio_mem_req *reqs =
@@ -1200,7 +1223,7 @@ static void test_state_paging(void)
             g_assert_cmpint(types[i], ==, VIRTIO_MEM_RESP_ACK);
         }
     }
-    g_assert_cmpuint(qom_get_u64(d->qts, "vmemmap-size"), ==, runs * 4 * KiB);
+    g_assert_cmpuint(qom_get_u64(d->qts, "x-vmemmap-size"), ==, runs * 4 * KiB);
 
     for (;;) {
         QDict *rsp = qtest_qmp(d->qts, "{ 'execute':"
@@ -1254,7 +1277,7 @@ static void test_footprint_large(void)
                         " -m 128M,maxmem=%" PRIu64
                         " -object memory-backend-ram,id=mem0,size=%" PRIu64
                         ",reserve=off -device virtio-mem-pci,id=vm0,"
-                        "memdev=mem0,vmemmap-accounting=on",
+                        "memdev=mem0,x-vmemmap-accounting=on",
                         128 * MiB + 1024 * GiB, 1024 * GiB);
     QTestState *qts = qtest_init(args);
     uint64_t rss = qemu_rss(qts);
@@ -1387,7 +1410,7 @@ static void bench_stall_one(const char *backend, uint64_t populate)
 
     mem_backend = opts;
     d = dev_start_sized(NULL, BENCH_REGION,
-                        "vmemmap-accounting=on,block-size=2M", true);
+                        "x-vmemmap-accounting=on,block-size=2M", true);
     mem_backend = "memory-backend-ram";
     set_requested(d, BENCH_PLUGGED);
     g_assert_cmpint(plug(d, 0, BENCH_PLUGGED), ==, VIRTIO_MEM_RESP_ACK);
@@ -1421,7 +1444,7 @@ static void bench_stall_one(const char *backend, uint64_t populate)
         }
         request_batch(d, reqs, batch, types);
     }
-    g_assert_cmpuint(qom_get_u64(d->qts, "vmemmap-size"), ==,
+    g_assert_cmpuint(qom_get_u64(d->qts, "x-vmemmap-size"), ==,
                      BENCH_PLUGGED / (2 * MiB) * 4 * KiB);
     g_test_message("%s: migration start, every plugged unit marked:"
                    " longest stall in its first 2 s %.1f ms", backend,
@@ -1475,7 +1498,7 @@ static void test_migration_to_stock(void)
     if (!have_stock()) {
         return;
     }
-    src = dev_start("vmemmap-accounting=on,block-size=2M", false);
+    src = dev_start("x-vmemmap-accounting=on,block-size=2M", false);
     set_requested(src, 64 * MiB);
     g_assert_cmpint(plug(src, 0, 4 * MiB), ==, VIRTIO_MEM_RESP_ACK);
     dst = migrate_to(src, STOCK_BINARY, "block-size=2M", true);
@@ -1483,7 +1506,7 @@ static void test_migration_to_stock(void)
     qtest_quit(dst);
     dev_stop(src);
 
-    src = dev_start("vmemmap-accounting=on,block-size=2M", true);
+    src = dev_start("x-vmemmap-accounting=on,block-size=2M", true);
     set_requested(src, 64 * MiB);
     g_assert_cmpint(plug(src, 0, 4 * MiB), ==, VIRTIO_MEM_RESP_ACK);
     migrate_refused(src, STOCK_BINARY, "block-size=2M");
@@ -1601,13 +1624,13 @@ static void test_compat_guest_view(void)
         return;
     }
     for (i = 0; i < ARRAY_SIZE(geometries); i++) {
-        g_autofree char *off = g_strdup_printf("%s,vmemmap-accounting=off",
+        g_autofree char *off = g_strdup_printf("%s,x-vmemmap-accounting=off",
                                                geometries[i]);
         g_autofree char *stock = guest_view(STOCK_BINARY, geometries[i]);
         g_autofree char *fork_default = guest_view(NULL, geometries[i]);
         g_autofree char *fork_off = guest_view(NULL, off);
 
-        g_autofree char *on = g_strdup_printf("%s,vmemmap-accounting=on",
+        g_autofree char *on = g_strdup_printf("%s,x-vmemmap-accounting=on",
                                               geometries[i]);
         g_autofree char *fork_on = guest_view(NULL, on);
 
@@ -1772,7 +1795,7 @@ static bool same_sections(const char *a, const char *b)
 /* The same driving with the feature negotiated and memmap marked. */
 static void save_marked(const char *opts, const char *path)
 {
-    g_autofree char *on = g_strdup_printf("%s,vmemmap-accounting=on", opts);
+    g_autofree char *on = g_strdup_printf("%s,x-vmemmap-accounting=on", opts);
     g_autoptr(GString) transcript = g_string_new(NULL);
     Dev *d = dev_start(on, true);
 
@@ -1803,7 +1826,7 @@ static void test_compat_stream(void)
     dir = g_dir_make_tmp("vmemmap-compat-XXXXXX", NULL);
     g_assert_nonnull(dir);
     for (i = 0; i < ARRAY_SIZE(geometries); i++) {
-        g_autofree char *off = g_strdup_printf("%s,vmemmap-accounting=off",
+        g_autofree char *off = g_strdup_printf("%s,x-vmemmap-accounting=off",
                                                geometries[i]);
         g_autofree char *stock = g_build_filename(dir, "stock", NULL);
         g_autofree char *fork_default = g_build_filename(dir, "fork", NULL);
@@ -1848,6 +1871,7 @@ int main(int argc, char **argv)
     g_test_init(&argc, &argv, NULL);
 
     qtest_add_func("/virtio-mem-vmemmap/feature-offer", test_feature_offer);
+    qtest_add_func("/virtio-mem-vmemmap/unstable", test_unstable);
     qtest_add_func("/virtio-mem-vmemmap/not-negotiated", test_not_negotiated);
     qtest_add_func("/virtio-mem-vmemmap/sbm", test_sbm);
     qtest_add_func("/virtio-mem-vmemmap/bbm", test_bbm);
