@@ -1,5 +1,5 @@
 /*
- * virtio-mem: the QMP and HMP commands where virtio-mem is not built
+ * virtio-mem: the QMP commands where virtio-mem is not built
  *
  * The commands are in the QAPI schema of every target; a target without
  * virtio-mem has no device to report or act on.
@@ -12,7 +12,6 @@
 #include "qemu/osdep.h"
 #include "qapi/error.h"
 #include "qapi/qapi-commands-machine.h"
-#include "monitor/hmp.h"
 
 VirtioMEMFootprintList *qmp_query_virtio_mem_footprint(Error **errp)
 {
@@ -35,8 +34,4 @@ VirtioMEMState *qmp_x_query_virtio_mem_state(const char *qom_path,
     error_setg(errp, "'%s' is not a virtio-mem device: this QEMU has no"
                " virtio-mem support", qom_path);
     return NULL;
-}
-
-void hmp_info_virtio_mem_footprint(Monitor *mon, const QDict *qdict)
-{
 }

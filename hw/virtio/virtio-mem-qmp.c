@@ -19,9 +19,6 @@
 #include "qemu/units.h"
 #include "qapi/error.h"
 #include "qapi/qapi-commands-machine.h"
-#include "qobject/qdict.h"
-#include "monitor/hmp.h"
-#include "monitor/monitor.h"
 #include "migration/misc.h"
 #include "block/thread-pool.h"
 #include "qemu/coroutine.h"
@@ -186,9 +183,12 @@ static int virtio_mem_footprint_one(Object *obj, void *opaque)
 
 /*
  * Under the BQL, only the copies: the devices' plugged bitmaps (64 KiB
- * for a TiB of 2 MiB blocks).  From a QMP coroutine each scan then runs
+ * for a TiB of 2 MiB blocks).  From the QMP coroutine each scan then runs
  * in the thread pool while the coroutine yields, so the BQL is free for
- * vCPUs and other monitors; from HMP (no coroutine) it runs right here.
+ * vCPUs and other monitors.  There is no HMP command: an HMP command,
+ * coroutine or not, waits for its end in the main thread with the BQL
+ * held, so the VM would stall for the whole scan.  Outside a coroutine
+ * (no caller today) the scan runs right here.
  */
 VirtioMEMFootprintList *coroutine_mixed_fn qmp_query_virtio_mem_footprint(
     Error **errp)
@@ -341,37 +341,6 @@ VirtioMEMScrubResult *qmp_x_virtio_mem_scrub(const char *qom_path,
     res = g_new0(VirtioMEMScrubResult, 1);
     res->discarded = scrub.discarded;
     return res;
-}
-
-void hmp_info_virtio_mem_footprint(Monitor *mon, const QDict *qdict)
-{
-    Error *err = NULL;
-    g_autoptr(VirtioMEMFootprintList) list =
-        qmp_query_virtio_mem_footprint(&err);
-    VirtioMEMFootprintList *l;
-
-    if (hmp_handle_error(mon, err)) {
-        return;
-    }
-    for (l = list; l; l = l->next) {
-        const VirtioMEMFootprint *fp = l->value;
-
-        monitor_printf(mon, "%s (%s):\n", fp->qom_path,
-                       fp->id ? fp->id : "no id");
-        monitor_printf(mon, "  size: %" PRIu64 "\n", fp->size);
-        if (fp->has_vmemmap_size) {
-            monitor_printf(mon, "  vmemmap-size: %" PRIu64 " (guest-reported)\n",
-                           fp->vmemmap_size);
-        }
-        monitor_printf(mon, "  region-size: %" PRIu64 "\n", fp->region_size);
-        monitor_printf(mon, "  plugged-resident: %" PRIu64 "\n",
-                       fp->plugged_resident);
-        monitor_printf(mon, "  unplugged-resident: %" PRIu64 "\n",
-                       fp->unplugged_resident);
-        if (fp->error) {
-            monitor_printf(mon, "  error: %s\n", fp->error);
-        }
-    }
 }
 
 /* The most runs x-query-virtio-mem-state returns per list and call. */
