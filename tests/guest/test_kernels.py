@@ -32,17 +32,21 @@ Then, on 6.1 and 7.3, a subset of the driver's own end-to-end tests
 6.12 kit), the same functions with the expectations each of them writes
 down per kernel (what differs on 6.1 is asserted as the difference, see
 test_driver's docstring).  The subset (SUBSET below) is what a port can
-break: the resize paths in SBM and BBM, the limits of SBM with memmap on
-memory, negotiation with the switches off, where mm put the memmap, the
-requests counted, and the driver's own reset, reboot and reload paths.
-Left to 6.12, where the code is the same on every base: the fault
-injection cases D1-D4 and D6 (the driver's own error paths, which
-differ on no base but 6.1's add fallback, run on 6.1 as D1 in SBM),
-BUSY during a migration and the migrations of test_faults (QEMU's
-side; on 7.3 a migration while the guest unplugs sometimes ends in a
-kernel BUG that is being investigated apart), HVO, 2 GiB blocks, 1 GiB
-pages and the capacity of a small guest (minutes each, and the figures
-are the benchmark's).
+break, because they meet mm or the virtio core: the resize paths in SBM
+and BBM, the unplug limit of SBM with memmap on memory, negotiation with
+memmap_on_memory switched off (module parameter, kernel switch), where
+mm put the memmap, the requests counted (stock's beside them), and
+reboot, module reload and a device reset with the stock driver after
+it.  On 6.1 also D1 in SBM, whose fallback after a refused add is the
+6.1 port's own code.  Left to the 6.12 run: the other fault-injection
+cases (D2-D6: the driver's own error paths, the same code in the 6.12
+and 7.3 series), BUSY during a
+migration and the migrations of test_faults (QEMU's side of the
+protocol; on 7.3 a guest migrated while it unplugs sometimes hits a
+kernel BUG that is being investigated apart), HVO, 2 GiB memory blocks,
+1 GiB pages and the capacity of a small guest (up to minutes each;
+the capacity figures are the benchmark's).  Each of those runs under
+VMTEST_KERNEL=6.1 or 7.3 with its per-kernel expectations.
 
 VMTEST_KERNELS=6.1,7.3 limits the kernels (default: 6.1,6.12,7.3).
 """
