@@ -14,6 +14,8 @@
  */
 
 #include "qemu/osdep.h"
+#include <sys/vfs.h>
+#include <linux/magic.h>
 #include "qemu/bitops.h"
 #include "qemu/host-utils.h"
 #include "qemu/units.h"
@@ -24,6 +26,7 @@
 #include "qemu/coroutine.h"
 #include "system/runstate.h"
 #include "exec/cpu-common.h"
+#include "exec/ramblock.h"
 #include "hw/virtio/virtio-mem.h"
 
 /*
@@ -112,12 +115,88 @@ static DeviceState *virtio_mem_proxy(VirtIOMEM *vmem)
 typedef struct VirtIOMEMScan {
     Object *backend;            /* a reference: keeps the memory mapped */
     uint8_t *host;
+    int fd;                     /* a shared shmem file, or -1 */
+    uint64_t fd_offset;         /* where @host starts in @fd */
     uint64_t block_size;
     unsigned long nr_blocks;
     unsigned long *plugged;     /* a copy of the device's bitmap */
     VirtioMEMFootprint *fp;
     Error *err;
 } VirtIOMEMScan;
+
+/*
+ * The file descriptor of @rb if its memory is a shared mapping of a shmem
+ * file (memfd or tmpfs), else -1.  There, SEEK_DATA/SEEK_HOLE describe
+ * the page cache exactly: a page is data once it exists, and a hole
+ * holds no page.  A disk file system's page cache also holds pages over
+ * holes (read-ahead around a fault), and a private mapping has anonymous
+ * copies the file never sees, so those are scanned page by page.
+ */
+static int virtio_mem_shmem_fd(RAMBlock *rb)
+{
+    struct statfs fs;
+
+    if (rb->fd < 0 || !qemu_ram_is_shared(rb) ||
+        fstatfs(rb->fd, &fs) || fs.f_type != TMPFS_MAGIC) {
+        return -1;
+    }
+    return rb->fd;
+}
+
+/*
+ * Resident bytes in [@offset, @offset + @size) of a device whose memory is
+ * a shared shmem mapping: only the file's data can be resident, so the
+ * holes SEEK_DATA/SEEK_HOLE report are skipped and mincore() looks at the
+ * data alone.  A sparse TiB with a few GiB written is then scanned in the
+ * time those GiB take, where a page-by-page mincore() of the whole region
+ * takes seconds.
+ */
+static int virtio_mem_resident_fd(VirtIOMEMScan *scan, uint64_t offset,
+                                  uint64_t size, uint64_t *resident,
+                                  Error **errp)
+{
+    const uint64_t page = qemu_real_host_page_size();
+    const uint64_t start = scan->fd_offset + offset;
+    const uint64_t end = start + size;
+    uint64_t pos = start;
+
+    *resident = 0;
+    while (pos < end) {
+        uint64_t count;
+        off_t data, hole;
+        int ret;
+
+        data = lseek(scan->fd, pos, SEEK_DATA);
+        if (data < 0 && errno == ENXIO) {
+            break;                      /* no data from @pos to EOF */
+        }
+        hole = data < 0 ? -1 : lseek(scan->fd, data, SEEK_HOLE);
+        if (data < 0 || hole < 0) {
+            const int err = errno;
+
+            error_setg_errno(errp, err, "lseek() on the memory of"
+                             " virtio-mem device failed");
+            return -err;
+        }
+        if (data >= end) {
+            break;
+        }
+        /* Extents are in file system blocks: mincore() wants pages. */
+        data = QEMU_ALIGN_DOWN(MAX(data, pos), page);
+        hole = MIN(QEMU_ALIGN_UP(hole, page), end);
+        if (hole <= data) {
+            hole = MIN(data + page, end);
+        }
+        ret = virtio_mem_resident(scan->host + (data - scan->fd_offset),
+                                  hole - data, &count, errp);
+        if (ret) {
+            return ret;
+        }
+        *resident += count;
+        pos = hole;
+    }
+    return 0;
+}
 
 static int virtio_mem_footprint_run(void *opaque, uint64_t offset,
                                     uint64_t size, bool plugged,
@@ -127,7 +206,11 @@ static int virtio_mem_footprint_run(void *opaque, uint64_t offset,
     uint64_t resident;
     int ret;
 
-    ret = virtio_mem_resident(scan->host + offset, size, &resident, errp);
+    if (scan->fd >= 0) {
+        ret = virtio_mem_resident_fd(scan, offset, size, &resident, errp);
+    } else {
+        ret = virtio_mem_resident(scan->host + offset, size, &resident, errp);
+    }
     if (!ret) {
         if (plugged) {
             scan->fp->plugged_resident += resident;
@@ -156,6 +239,7 @@ static int virtio_mem_footprint_one(Object *obj, void *opaque)
     VirtioMEMFootprint *fp;
     VirtIOMEMScan *scan;
     DeviceState *proxy;
+    RAMBlock *rb;
 
     if (!vmem || !DEVICE(vmem)->realized) {
         return 0;
@@ -173,6 +257,9 @@ static int virtio_mem_footprint_one(Object *obj, void *opaque)
     scan->fp = fp;
     scan->backend = object_ref(OBJECT(vmem->memdev));
     scan->host = memory_region_get_ram_ptr(&vmem->memdev->mr);
+    rb = vmem->memdev->mr.ram_block;
+    scan->fd = virtio_mem_shmem_fd(rb);
+    scan->fd_offset = rb->fd_offset;
     scan->block_size = vmem->block_size;
     scan->nr_blocks = vmem->bitmap_size;
     scan->plugged = bitmap_new(vmem->bitmap_size);

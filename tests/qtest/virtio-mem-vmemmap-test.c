@@ -1083,6 +1083,36 @@ static void test_footprint(void)
     dev_stop(d);
 }
 
+/*
+ * The same on memory that is a shared mapping of a shmem file, where the
+ * scan skips the file's holes (SEEK_DATA) before it asks mincore().  (On
+ * a disk file system, read-ahead around each write fault leaves more of
+ * the file in the page cache than was written: resident, but not a
+ * figure a test can predict.)
+ */
+static void test_footprint_memfd(void)
+{
+    mem_backend = "memory-backend-memfd";
+    test_footprint();
+    mem_backend = "memory-backend-ram";
+}
+
+static void test_footprint_file(void)
+{
+    g_autofree char *dir = g_strdup("/dev/shm/vmemmap-fp-XXXXXX");
+    g_autofree char *path = NULL;
+    g_autofree char *opts = NULL;
+
+    g_assert_nonnull(g_mkdtemp(dir));
+    path = g_strdup_printf("%s/mem", dir);
+    opts = g_strdup_printf("memory-backend-file,share=on,mem-path=%s", path);
+    mem_backend = opts;
+    test_footprint();
+    mem_backend = "memory-backend-ram";
+    unlink(path);
+    rmdir(dir);
+}
+
 /* Scrub vm0 and expect an error whose text contains @what. */
 static void assert_scrub_refused(QTestState *qts, const char *what)
 {
@@ -1875,6 +1905,9 @@ int main(int argc, char **argv)
     qtest_add_func("/virtio-mem-vmemmap/busy", test_busy);
     qtest_add_func("/virtio-mem-vmemmap/worst-pattern", test_worst_pattern);
     qtest_add_func("/virtio-mem-vmemmap/footprint", test_footprint);
+    qtest_add_func("/virtio-mem-vmemmap/footprint-memfd",
+                   test_footprint_memfd);
+    qtest_add_func("/virtio-mem-vmemmap/footprint-file", test_footprint_file);
     qtest_add_func("/virtio-mem-vmemmap/state-paging", test_state_paging);
     qtest_add_func("/virtio-mem-vmemmap/scrub-refused", test_scrub_refused);
     qtest_add_func("/virtio-mem-vmemmap/footprint-large",
