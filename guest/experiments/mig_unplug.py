@@ -52,7 +52,7 @@ def guest(name, args):
     if args.qemu == 'fork':
         dev['vmemmap_accounting'] = True
     qemu = {'fork': QEMU, 'stock': STOCK_QEMU}.get(args.qemu, args.qemu)
-    return Guest(name, mem='256M', maxmem='8G', smp=1, device=dev,
+    return Guest(name, mem='256M', maxmem='8G', smp=args.smp, device=dev,
                  module=args.module, memmap_on_memory=True, qemu=qemu,
                  boot_timeout=300)
 
@@ -145,7 +145,14 @@ def one_run(args, n, outdir):
             res['state_equal'] = all(a[k] == b[k] for k in a if k in b)
             if m['status'] == 'completed' and m['dst_status'] == 'completed':
                 t0 = time.monotonic()
+                res['status_after'] = (src.vm.cmd('query-status')['status'],
+                                       dst.vm.cmd('query-status')['status'])
                 d = compare_ram(src, dst, a, '/dev/shm')
+                # Control: the stopped source against itself, read again
+                # after the comparison (a source still running would
+                # differ from itself too).
+                d2 = compare_ram(src, src, a, '/dev/shm')
+                res['src_self_diff_pages'] = len(d2)
                 res['ram_diff_pages'] = len(d)
                 res['ram_diff'] = [(hex(p), k, n, w) for p, k, n, w in d[:50]]
                 log(f'run {n}: RAM compared in {time.monotonic() - t0:.0f}s:'
@@ -205,6 +212,7 @@ def main():
     ap.add_argument('--mode', choices=('migrate', 'cancel', 'churn'),
                     default='migrate')
     ap.add_argument('--cancel-after', type=float, default=20)
+    ap.add_argument('--smp', type=int, default=1)
     ap.add_argument('--runs', type=int, default=1)
     ap.add_argument('--out', default='/tmp/mig-unplug')
     args = ap.parse_args()
