@@ -28,25 +28,25 @@ breaks and nothing is reported; in BBM (force_bbm=1) the driver never
 asks for it.
 
 Then, on 6.1 and 7.3, a subset of the driver's own end-to-end tests
-(test_driver, test_requests, test_faults run in full on the default
-6.12 kit), the same functions with the expectations each of them writes
-down per kernel (what differs on 6.1 is asserted as the difference, see
+(test_driver, test_requests, test_faults run in full on the default 6.12
+kit), the same functions with the expectations each of them writes down
+per kernel (what differs on 6.1 is asserted as the difference, see
 test_driver's docstring).  The subset (SUBSET below) is what a port can
 break, because they meet mm or the virtio core: the resize paths in SBM
 and BBM, the unplug limit of SBM with memmap on memory, negotiation with
 memmap_on_memory switched off (module parameter, kernel switch), where
-mm put the memmap, the requests counted (stock's beside them), and
-reboot, module reload and a device reset with the stock driver after
-it.  On 6.1 also D1 in SBM, whose fallback after a refused add is the
-6.1 port's own code.  Left to the 6.12 run: the other fault-injection
-cases (D2-D6: the driver's own error paths, the same code in the 6.12
-and 7.3 series), BUSY during a
-migration and the migrations of test_faults (QEMU's side of the
-protocol; on 7.3 a guest migrated while it unplugs sometimes hits a
-kernel BUG that is being investigated apart), HVO, 2 GiB memory blocks,
-1 GiB pages and the capacity of a small guest (up to minutes each;
-the capacity figures are the benchmark's).  Each of those runs under
-VMTEST_KERNEL=6.1 or 7.3 with its per-kernel expectations.
+mm put the memmap, the requests counted (stock's beside them), and a
+reboot in the middle of an unplug and module reload.  On 6.1 also D1 in
+SBM, whose fallback after a refused add is the 6.1 port's own code.
+Left to the 6.12 run: the other fault-injection cases (D2-D6: the
+driver's own error paths, the same code in the 6.12 and 7.3 series),
+BUSY during a migration, a device reset followed by the stock driver and
+the migrations of test_faults (QEMU's side of the protocol; on 7.3 a
+guest migrated while it unplugs sometimes hits a kernel BUG that is
+being investigated apart), HVO, 2 GiB memory blocks, 1 GiB pages and the
+capacity of a small guest (up to minutes each; the capacity figures are
+the benchmark's).  Each of those runs under VMTEST_KERNEL=6.1 or 7.3
+with its per-kernel expectations.
 
 VMTEST_KERNELS=6.1,7.3 limits the kernels (default: 6.1,6.12,7.3).
 """
@@ -184,8 +184,6 @@ SUBSET = [
      test_faults.test_reboot_mid_unplug),
     ('faults', 'guest module reload: after unplug, with memory plugged',
      test_faults.test_module_reload),
-    ('faults', 'device reset, then a driver without the feature',
-     test_faults.test_reset_then_stock_driver),
 ]
 # Only on 6.1, whose port differs there.
 SUBSET_61 = [
