@@ -30,7 +30,8 @@ demo:
 checkpatch:
 	./scripts/checkpatch
 # The posted QEMU series: every step built on Debian's orig tarball, its
-# tests, the manuals with Sphinx -W (about an hour cold).
+# tests, the manuals with Sphinx -W (scripts/check runs it too; 29 min
+# with an empty compiler cache, 12 min after a reshape, 2.5 min unchanged).
 series-check:
 	./scripts/qemu-series check 10.0
 # The host package, build/deb/qemu-system-x86-vmemmap_*.deb.
