@@ -43,6 +43,16 @@
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
+/*
+ * The one call virtio-mem-vmemmap.c makes outside the bitmap code (it
+ * gives emptied bitmap pages back): the harness links no more of QEMU's
+ * utility library, whose osdep.c would pull in QOM.
+ */
+int qemu_madvise(void *addr, size_t len, int advice)
+{
+    return madvise(addr, len, advice);
+}
+
 /* ---- the reference model ---- */
 
 typedef struct Side {
