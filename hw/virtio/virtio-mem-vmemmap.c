@@ -223,13 +223,12 @@ void virtio_mem_vmemmap_clear(VirtIOMEMVmemmap *vm)
         return;
     }
     /*
-     * A fresh mapping rather than a memset: clearing a large region must
-     * not make its whole bitmap resident, and must free what marks made
-     * resident.
+     * Dropping the pages rather than a memset: clearing a large region
+     * must not make its whole bitmap resident, and must free what marks
+     * made resident.  A private anonymous mapping reads zero afterwards.
      */
-    munmap(vm->bitmap, virtio_mem_vmemmap_bitmap_bytes(vm));
-    vm->bitmap = virtio_mem_vmemmap_bitmap_alloc(
-        virtio_mem_vmemmap_bitmap_bytes(vm));
+    qemu_madvise(vm->bitmap, virtio_mem_vmemmap_bitmap_bytes(vm),
+                 QEMU_MADV_DONTNEED);
     vm->size = 0;
 }
 
