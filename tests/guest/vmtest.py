@@ -75,7 +75,7 @@ sys.path.insert(0, os.path.join(BUILD, 'qemu-src', 'python'))
 from qemu.machine import QEMUMachine  # noqa: E402
 from qemu.qmp import ExecuteError  # noqa: E402
 
-SMAPS_VMA = re.compile(r'^([0-9a-f]+)-([0-9a-f]+) ')
+import anon  # noqa: E402  (smaps, shared with scripts/qemu-anon-growth)
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -85,6 +85,18 @@ GiB = 1 << 30
 BAD_LOG = re.compile(r'WARNING:|\bBUG:|\bOops:|Call Trace:|Kernel panic|'
                      r'vmemmap alloc failure|adding memory failed|'
                      r'page allocation failure')
+
+
+def ramblocks(info):
+    """{name: (hva, size)} of every RAMBlock in the text of HMP "info
+    ramblock" (name, page size in two words, offset, used, total, HVA,
+    RO)."""
+    blocks = {}
+    for line in info.splitlines():
+        f = line.split()
+        if len(f) == 8 and f[0] != 'Block':
+            blocks[f[0]] = (int(f[6], 16), int(f[5], 16))
+    return blocks
 
 
 class HarnessError(Exception):
@@ -480,30 +492,20 @@ class Guest:
         (boot RAM) and 'mem0' (the virtio-mem device's memory, if any),
         from the QEMU process's smaps.  The rest of the cgroup's charge is
         QEMU's own memory."""
-        blocks = {}
         out = self.vm.cmd('human-monitor-command', command_line='info ramblock')
-        for line in out.splitlines():
-            # name, page size (two words), offset, used, total, HVA, RO
-            f = line.split()
-            name = f[0].split('/')[-1] if f else ''
-            if len(f) == 8 and name in ('pc.ram', 'mem0'):
-                blocks[name] = (int(f[6], 16), int(f[5], 16))
+        blocks = {name.split('/')[-1]: b for name, b in ramblocks(out).items()
+                  if name.split('/')[-1] in ('pc.ram', 'mem0')}
         if 'pc.ram' not in blocks:
             raise HarnessError(f'no boot RAM in "info ramblock": {out}')
         rss = {name: 0 for name in blocks}
         covered = {name: 0 for name in blocks}
-        vma = None
-        with open(f'/proc/{self.vm.get_pid()}/smaps') as f:
-            for line in f:
-                m = SMAPS_VMA.match(line)
-                if m:
-                    start, end = int(m.group(1), 16), int(m.group(2), 16)
-                    vma = next((n for n, (hva, size) in blocks.items()
-                                if hva <= start and end <= hva + size), None)
-                    if vma:
-                        covered[vma] += end - start
-                elif vma and line.startswith('Rss:'):
-                    rss[vma] += int(line.split()[1]) * 1024
+        for v in anon.vmas(self.vm.get_pid()):
+            name = next((n for n, (hva, size) in blocks.items()
+                         if hva <= v['start'] and v['end'] <= hva + size),
+                        None)
+            if name:
+                covered[name] += v['end'] - v['start']
+                rss[name] += v['rss']
         for name, (hva, size) in blocks.items():
             if covered[name] != size:
                 raise HarnessError(f'RAMBlock {name} at {hva:#x}: smaps '
